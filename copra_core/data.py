@@ -1,0 +1,168 @@
+"""Vendored datasets (data/MANIFEST.md) and client partitioning with flwr-datasets.
+
+Files are read with the csv module into in-memory ``datasets.Dataset`` objects:
+``datasets.load_dataset("csv")`` would write an Arrow cache under the user's home,
+which tests must not do, and the files are small.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from datasets import Dataset
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
+
+from copra_core.config import DataSettings
+
+log = logging.getLogger(__name__)
+
+REPO_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
+@dataclass(frozen=True)
+class TextClassificationSpec:
+    """Where a vendored text-classification dataset lives and how to read it."""
+
+    name: str
+    train_file: str
+    eval_file: str
+    text_columns: tuple[str, ...]
+    label_column: str
+    label_names: tuple[str, ...]
+    encoding: str = "utf-8"
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+DATASETS: dict[str, TextClassificationSpec] = {
+    "sst2": TextClassificationSpec(
+        name="sst2",
+        train_file="sst2/train.tsv",
+        eval_file="sst2/dev.tsv",
+        text_columns=("sentence",),
+        label_column="label",
+        label_names=("negative", "positive"),
+    ),
+}
+
+
+class DataFileError(FileNotFoundError):
+    """A dataset file is missing; the message names the file and the config key."""
+
+
+def resolve_data_dir(settings: DataSettings) -> Path:
+    """The data folder: ``data.dir``, else ``$COPRA_FL_DATA_DIR``, else the repo's data/."""
+    if settings.dir:
+        return Path(settings.dir).expanduser().resolve()
+    env = os.environ.get("COPRA_FL_DATA_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    return REPO_DATA_DIR
+
+
+def dataset_spec(name: str) -> TextClassificationSpec:
+    if name not in DATASETS:
+        raise ValueError(f"Config key 'data.dataset': unknown dataset '{name}'; known: {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+@lru_cache(maxsize=8)
+def read_split(data_dir: Path, spec: TextClassificationSpec, split: str) -> Dataset:
+    """Read one split into an in-memory Dataset with columns ``text`` (tuple) and ``label``."""
+    relative = spec.train_file if split == "train" else spec.eval_file
+    path = data_dir / relative
+    if not path.is_file():
+        raise DataFileError(
+            f"Dataset file not found: {path} (dataset '{spec.name}', split '{split}'). "
+            "Set config key 'data.dir' or $COPRA_FL_DATA_DIR to the folder holding data/."
+        )
+    columns: dict[str, list] = {name: [] for name in spec.text_columns}
+    labels: list[int] = []
+    with path.open(encoding=spec.encoding, newline="") as handle:
+        # QUOTE_NONE: GLUE TSVs contain bare quotes that are part of the text.
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = [c for c in (*spec.text_columns, spec.label_column) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing columns {missing}; header is {reader.fieldnames}")
+        for line_no, row in enumerate(reader, start=2):
+            try:
+                label = int(row[spec.label_column])
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{path}:{line_no}: bad label {row[spec.label_column]!r}") from err
+            if not 0 <= label < spec.num_labels:
+                raise ValueError(f"{path}:{line_no}: label {label} outside 0..{spec.num_labels - 1}")
+            for name in spec.text_columns:
+                columns[name].append(row[name].strip())
+            labels.append(label)
+    return Dataset.from_dict({**columns, "label": labels})
+
+
+def make_partitioner(settings: DataSettings, num_partitions: int, seed: int) -> Partitioner:
+    if settings.partition == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if settings.partition == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=settings.dirichlet_alpha,
+            min_partition_size=10,
+            self_balancing=False,
+            seed=seed,
+        )
+    if settings.partition == "pathological":
+        return PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=settings.classes_per_client,
+            class_assignment_mode="first-deterministic",
+            seed=seed,
+        )
+    raise ValueError(f"Config key 'data.partition': unknown partitioner '{settings.partition}'")
+
+
+@lru_cache(maxsize=4)
+def _partitioner_for(
+    data_dir: Path, spec: TextClassificationSpec, settings_key: tuple, num_partitions: int, seed: int
+) -> Partitioner:
+    settings = DataSettings(**dict(settings_key))
+    partitioner = make_partitioner(settings, num_partitions, seed)
+    partitioner.dataset = read_split(data_dir, spec, "train")
+    return partitioner
+
+
+def client_splits(settings: DataSettings, partition_id: int, num_partitions: int, seed: int) -> tuple[Dataset, Dataset]:
+    """One client's (train, local validation) datasets."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
+    spec = dataset_spec(settings.dataset)
+    key = tuple(sorted(vars(settings).items()))
+    partitioner = _partitioner_for(resolve_data_dir(settings), spec, key, num_partitions, seed)
+    partition = partitioner.load_partition(partition_id)
+    if len(partition) < 2:
+        raise ValueError(f"Partition {partition_id} holds {len(partition)} examples; too few to train.")
+    split = partition.train_test_split(test_size=settings.val_fraction, seed=seed + partition_id)
+    val = split["test"]
+    if settings.val_max and len(val) > settings.val_max:
+        val = val.select(range(settings.val_max))
+    return split["train"], val
+
+
+def server_eval_split(settings: DataSettings, seed: int, size: int = 0) -> Dataset:
+    """The server's fixed evaluation set: the dev split, or a seeded sample of ``size``."""
+    spec = dataset_spec(settings.dataset)
+    dev = read_split(resolve_data_dir(settings), spec, "eval")
+    if size and size < len(dev):
+        dev = dev.shuffle(seed=seed).select(range(size))
+    return dev

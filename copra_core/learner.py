@@ -1,0 +1,135 @@
+"""A client's local learner: the task, the LoRA model and its data, reused across rounds.
+
+Loading a model costs seconds, so one model per process is cached and shared by every
+partition the process serves (a simulation actor serves several); only the data is
+per partition. The adapter itself comes from the server every round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+from peft import PeftModel
+
+from copra_core.adapters import AdapterState, get_adapter_state, set_adapter_state
+from copra_core.config import RunConfig
+from copra_core.copra import BlockDropper
+from copra_core.device import resolve_device
+from copra_core.lora import build_peft_model, lora_layers_by_block
+from copra_core.tasks import Task, build_task
+from copra_core.training import RoundSchedule, evaluate, train_local
+
+log = logging.getLogger(__name__)
+
+# Keys that decide how the model is built; a change of any other key reuses the model.
+MODEL_KEYS = (
+    "task",
+    "seed",
+    "device",
+    "model.name",
+    "model.num-hidden-layers",
+    "model.max-length",
+    *tuple(f"lora.{k}" for k in ("r", "alpha", "dropout", "target-modules", "modules-to-save", "use-rslora")),
+)
+
+
+class ModelBundle:
+    """Task + PEFT model + its blocks for one config, on one device."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        self.task: Task = build_task(config)
+        base, new_modules = self.task.load_model()
+        self.model: PeftModel = build_peft_model(base, config.lora, new_modules, config.seed).to(self.device)
+        self.blocks = lora_layers_by_block(self.model)
+
+    def initial_state(self) -> AdapterState:
+        return get_adapter_state(self.model)
+
+
+_BUNDLES: dict[str, ModelBundle] = {}
+
+
+def model_bundle(config: RunConfig) -> ModelBundle:
+    """The process-wide model for this config (built once)."""
+    key = config.fingerprint(MODEL_KEYS)
+    if key not in _BUNDLES:
+        _BUNDLES.clear()  # one model per process: a new config replaces the old one
+        _BUNDLES[key] = ModelBundle(config)
+    return _BUNDLES[key]
+
+
+@lru_cache(maxsize=16)
+def _client_examples(task: Task, data_key: str, partition_id: int, num_partitions: int) -> tuple[Sequence, Sequence]:
+    del data_key  # part of the cache key only
+    return task.client_examples(partition_id, num_partitions)
+
+
+class ClientLearner:
+    """Trains and evaluates one client's adapter on its own partition."""
+
+    def __init__(self, config: RunConfig, partition_id: int, num_partitions: int) -> None:
+        self.config = config
+        self.partition_id = partition_id
+        self.bundle = model_bundle(config)
+        data_key = config.fingerprint((*tuple(k for k in config.to_flat() if k.startswith("data.")), "seed"))
+        self.train_examples, self.val_examples = _client_examples(
+            self.bundle.task, data_key, partition_id, num_partitions
+        )
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.train_examples)
+
+    def fit(self, state: AdapterState, server_round: int, num_rounds: int) -> tuple[AdapterState, dict[str, float]]:
+        cfg, bundle = self.config, self.bundle
+        set_adapter_state(bundle.model, state)
+        schedule = RoundSchedule(server_round, num_rounds, cfg.train.local_steps)
+        dropper = BlockDropper(
+            bundle.blocks,
+            enabled=cfg.copra.enabled,
+            p0=cfg.copra.p0,
+            full_at=cfg.copra.full_at,
+            seed=_mix(cfg.seed, self.partition_id, server_round),
+        )
+        batches = bundle.task.train_batches(
+            self.train_examples,
+            cfg.train.batch_size,
+            cfg.train.local_steps,
+            seed=_mix(cfg.seed, self.partition_id, 0),
+            offset=(server_round - 1) * cfg.train.local_steps * cfg.train.batch_size,
+            group_by_length=cfg.train.group_by_length,
+        )
+        metrics = train_local(
+            bundle.model,
+            bundle.task,
+            batches,
+            schedule=schedule,
+            dropper=dropper,
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            lr_schedule=cfg.train.lr_schedule,
+            head_lr=cfg.train.head_lr,
+            device=bundle.device,
+        )
+        return get_adapter_state(bundle.model), metrics
+
+    def evaluate(self, state: AdapterState) -> dict[str, float]:
+        bundle = self.bundle
+        set_adapter_state(bundle.model, state)
+        batches = bundle.task.eval_batches(self.val_examples, self.config.diagnostics.batch_size)
+        return evaluate(bundle.model, bundle.task, batches, bundle.device)
+
+
+def _mix(*values: int) -> int:
+    """Deterministic seed from several integers (Python's hash() is salted per process)."""
+    seed = 0
+    for value in values:
+        seed = (seed * 1_000_003 + value) % (2**63 - 1)
+    return seed

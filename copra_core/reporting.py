@@ -1,0 +1,204 @@
+"""Run outputs: metrics.jsonl (one object per round), report.md and its PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: plots are files, never windows
+import matplotlib.pyplot as plt
+
+#: Keys every round row carries (NaN where not measured, e.g. diagnostics at round 0).
+ROUND_KEYS = (
+    "round",
+    "global/accuracy",
+    "global/loss",
+    "barrier/jensen_factor",
+    "barrier/jensen_product",
+    "barrier/pairwise_max",
+    "aggregation/exactness_error",
+    "comm/bytes_up",
+    "comm/bytes_down",
+    "time/round_s",
+)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; the file is rewritten atomically on every row."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: dict[str, Any]) -> None:
+        full = {key: row.get(key, float("nan")) for key in ROUND_KEYS} | row
+        self.rows.append(full)
+        text = "".join(json.dumps(_json_safe(r), sort_keys=False) + "\n" for r in self.rows)
+        atomic_write_text(self.path, text)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _series(rows: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            xs.append(row["round"])
+            ys.append(float(value))
+    return xs, ys
+
+
+def plot_accuracy(rows: Sequence[dict], metric: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for key, label, style in (
+        (f"global/{metric}", "global adapter (server eval set)", "o-"),
+        (f"clients/mean_{metric}", "clients before averaging (mean, diag sample)", "s--"),
+        (f"diag/product_avg_{metric}", "exact product-space average (diag sample)", "^:"),
+    ):
+        xs, ys = _series(rows, key)
+        if xs:
+            ax.plot(xs, ys, style, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_barriers(rows: Sequence[dict], path: Path) -> None:
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.0))
+    for key, label in (
+        ("barrier/jensen_factor", "Jensen gap, factor space"),
+        ("barrier/jensen_product", "Jensen gap, product space"),
+        ("barrier/pairwise_max", "pairwise barrier (max), factor"),
+        ("barrier/pairwise_max_product", "pairwise barrier (max), product"),
+    ):
+        xs, ys = _series(rows, key)
+        if xs:
+            ax.plot(xs, ys, "o-", label=label)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss above the clients' (nats)")
+    ax.set_title("Interpolation barriers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    xs, ys = _series(rows, "aggregation/exactness_error")
+    ax2.plot(xs, ys, "o-", color="tab:red")
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("relative Frobenius error")
+    ax2.set_title("Factor-averaging exactness error")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(rows: Sequence[dict], path: Path) -> bool:
+    """Interpolation curves of the last round that has them."""
+    last = next((r for r in reversed(rows) if r.get("curves")), None)
+    if last is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for curve in last["curves"]:
+        i, j = curve["pair"]
+        ax.plot(curve["alphas"], curve["loss_factor"], "o-", label=f"clients {i}-{j}, factor")
+        ax.plot(curve["alphas"], curve["loss_product"], "x--", label=f"clients {i}-{j}, product")
+    ax.set_xlabel("alpha (weight of the first client)")
+    ax.set_ylabel("loss")
+    ax.set_title(f"Interpolation curves, round {last['round']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if not math.isfinite(value) else f"{value:.4f}"
+    if value is None:
+        return "n/a"
+    return str(value)
+
+
+def write_report(out_dir: Path, rows: Sequence[dict], config_json: str, metric: str, title: str) -> Path:
+    """report.md with a per-round table and three plots, next to metrics.jsonl."""
+    out_dir = Path(out_dir)
+    plot_accuracy(rows, metric, out_dir / "accuracy.png")
+    plot_barriers(rows, out_dir / "barriers.png")
+    has_curves = plot_curves(rows, out_dir / "interpolation.png")
+    columns = [
+        ("round", "round"),
+        (f"global/{metric}", metric),
+        ("global/loss", "loss"),
+        (f"clients/mean_{metric}", f"clients {metric}"),
+        ("barrier/jensen_factor", "Jensen (factor)"),
+        ("barrier/jensen_product", "Jensen (product)"),
+        ("barrier/pairwise_max", "pair barrier"),
+        ("aggregation/exactness_error", "exactness err"),
+        ("comm/bytes_up", "bytes up"),
+        ("time/round_s", "round s"),
+    ]
+    lines = [f"# {title}", ""]
+    final = rows[-1] if rows else {}
+    lines += [
+        f"Final global {metric}: **{_fmt(final.get(f'global/{metric}'))}** after round {final.get('round')}.",
+        "",
+        "| " + " | ".join(h for _, h in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(k)) for k, _ in columns) + " |")
+    lines += [
+        "",
+        "Barriers are losses above the clients' own (positive = averaging costs loss). "
+        "Jensen gaps compare the averaged adapter with the weighted mean of the clients; "
+        "the pairwise barrier is the worst point on the straight line between two clients.",
+        "",
+        f"![{metric}](accuracy.png)",
+        "",
+        "![barriers](barriers.png)",
+        "",
+    ]
+    if has_curves:
+        lines += ["![interpolation curves](interpolation.png)", ""]
+    lines += ["## Configuration", "", "```json", config_json, "```", ""]
+    path = out_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

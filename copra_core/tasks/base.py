@@ -1,0 +1,98 @@
+"""The task contract: everything that differs between, say, classification and causal LM.
+
+Trainer, strategies and diagnostics only see this interface, so a new task (model head,
+batches, loss, metric) plugs in without touching them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from copra_core.config import RunConfig
+from copra_core.model_loading import resolve_model_path
+
+Batch = dict[str, torch.Tensor]
+
+
+class Task(ABC):
+    """A learning task: data, model head, loss and metric."""
+
+    name: ClassVar[str]
+    #: Name of the task's headline metric in ``summarise`` (higher is better).
+    metric: ClassVar[str]
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.model_path = resolve_model_path(config.model.name)
+
+    @abstractmethod
+    def load_model(self) -> tuple[nn.Module, list[str]]:
+        """Load the base model; return it with the names of newly initialised modules."""
+
+    @abstractmethod
+    def client_examples(self, partition_id: int, num_partitions: int) -> tuple[Sequence, Sequence]:
+        """Encoded (train, local validation) examples of one client."""
+
+    @abstractmethod
+    def server_examples(self, size: int) -> Sequence:
+        """Encoded server evaluation examples (``size`` 0 = the whole evaluation split)."""
+
+    @abstractmethod
+    def collate(self, examples: Sequence[Any]) -> Batch:
+        """Stack encoded examples into model inputs (with labels)."""
+
+    @abstractmethod
+    def batch_stats(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean loss of a batch (for backward) and additive statistics for ``summarise``."""
+
+    @abstractmethod
+    def summarise(self, sums: dict[str, float]) -> dict[str, float]:
+        """Turn summed statistics into metrics; must contain 'loss' and ``self.metric``."""
+
+    # ------------------------------------------------------------------ batching
+    def example_length(self, example: Any) -> int:
+        """Token count of an encoded example (used to group batches by length)."""
+        return len(example["input_ids"])
+
+    def train_batches(
+        self,
+        examples: Sequence,
+        batch_size: int,
+        steps: int,
+        seed: int,
+        offset: int,
+        group_by_length: bool = True,
+    ) -> Iterator[Batch]:
+        """``steps`` batches from a seeded endless shuffle, starting ``offset`` examples in.
+
+        Stateless across rounds (the offset is derived from the round), so a client needs
+        no memory between rounds and runs are reproducible. With ``group_by_length`` the
+        round's examples are sorted by length into batches whose order is then shuffled
+        (as transformers' ``group_by_length``): the same examples, far less padding.
+        """
+        n = len(examples)
+        rng = np.random.default_rng(seed)
+        needed = offset + steps * batch_size
+        order = np.concatenate([rng.permutation(n) for _ in range(needed // n + 1)])
+        window = order[offset:needed]
+        if group_by_length:
+            lengths = np.array([self.example_length(examples[int(i)]) for i in window])
+            window = window[np.argsort(lengths, kind="stable")]
+            chunks = window.reshape(steps, batch_size)
+            chunks = chunks[np.random.default_rng(seed + offset + 1).permutation(steps)]
+        else:
+            chunks = window.reshape(steps, batch_size)
+        for idx in chunks:
+            yield self.collate([examples[int(i)] for i in idx])
+
+    def eval_batches(self, examples: Sequence, batch_size: int) -> Iterator[Batch]:
+        """Batches of similar length (order does not change summed metrics)."""
+        order = sorted(range(len(examples)), key=lambda i: self.example_length(examples[i]))
+        for start in range(0, len(order), batch_size):
+            yield self.collate([examples[i] for i in order[start : start + batch_size]])

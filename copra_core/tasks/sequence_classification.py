@@ -1,0 +1,80 @@
+"""Sequence classification (SST-2 by default) on an encoder with a classification head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from copra_core import data
+from copra_core.model_loading import load_pretrained, quiet_transformers
+from copra_core.tasks.base import Batch, Task
+
+Example = dict[str, list[int] | int]
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(model_path: str) -> PreTrainedTokenizerBase:
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(model_path)
+
+
+class SequenceClassificationTask(Task):
+    name: ClassVar[str] = "sequence_classification"
+    metric: ClassVar[str] = "accuracy"
+
+    @property
+    def spec(self) -> data.TextClassificationSpec:
+        return data.dataset_spec(self.config.data.dataset)
+
+    def load_model(self) -> tuple[nn.Module, list[str]]:
+        return load_pretrained(
+            AutoModelForSequenceClassification,
+            self.model_path,
+            self.config.model,
+            num_labels=self.spec.num_labels,
+        )
+
+    # ------------------------------------------------------------------ data
+    def _encode(self, dataset) -> list[Example]:
+        tokenizer = _tokenizer(self.model_path)
+        columns = [list(dataset[c]) for c in self.spec.text_columns]
+        encoded = tokenizer(*columns, truncation=True, max_length=self.config.model.max_length)
+        return [
+            {"input_ids": ids, "label": label}
+            for ids, label in zip(encoded["input_ids"], list(dataset["label"]), strict=True)
+        ]
+
+    def client_examples(self, partition_id: int, num_partitions: int) -> tuple[list[Example], list[Example]]:
+        train, val = data.client_splits(self.config.data, partition_id, num_partitions, self.config.seed)
+        return self._encode(train), self._encode(val)
+
+    def server_examples(self, size: int) -> list[Example]:
+        return self._encode(data.server_eval_split(self.config.data, self.config.seed, size))
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        tokenizer = _tokenizer(self.model_path)
+        batch = tokenizer.pad([{"input_ids": e["input_ids"]} for e in examples], return_tensors="pt")
+        batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+        return dict(batch)
+
+    # ------------------------------------------------------------------ loss / metric
+    def batch_stats(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        n = labels.numel()
+        stats = {
+            "loss_sum": float(loss.detach()) * n,
+            "correct": float((logits.argmax(-1) == labels).sum()),
+            "count": float(n),
+        }
+        return loss, stats
+
+    def summarise(self, sums: dict[str, float]) -> dict[str, float]:
+        count = max(sums.get("count", 0.0), 1.0)
+        return {"loss": sums.get("loss_sum", 0.0) / count, "accuracy": sums.get("correct", 0.0) / count}

@@ -1,0 +1,144 @@
+"""Flower ServerApp: one federated run from config to report.
+
+Read top to bottom, a run is: validate the config; load the server's copy of the model
+and its fixed evaluation sets; resolve and dry-run the aggregation rule; let Flower's
+FedAvg loop send the global adapter, collect client adapters, aggregate them with the
+rule and measure the barrier diagnostics (``server/strategy.py``); after each round,
+evaluate the global adapter and write one row of metrics.jsonl; at the end export the
+adapter in PEFT format and write report.md with plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+import strategies
+from copra_core.adapters import AdapterState, export_adapter
+from copra_core.config import RunConfig
+from copra_core.diagnostics import round_diagnostics
+from copra_core.evaluator import ServerEvaluator
+from copra_core.learner import model_bundle
+from copra_core.reporting import MetricsLog, atomic_write_text, write_report
+from server.strategy import AdapterFedAvg
+from strategies.base import ClientUpdate
+
+log = logging.getLogger(__name__)
+
+#: Receives every finished round's metrics row (console display, tests).
+RoundObserver = Callable[[dict], None]
+
+#: Keys added to the train config next to the run config.
+ROUND_KEYS = ("server-round", "num-rounds")
+
+
+def log_round(row: dict) -> None:
+    """Default observer: one log line per round (visible in ``flwr run --stream``)."""
+    keys = ("global/accuracy", "barrier/jensen_factor", "barrier/jensen_product", "barrier/pairwise_max")
+    shown = ", ".join(f"{k}={row[k]:.4f}" for k in keys if isinstance(row.get(k), float))
+    logging.getLogger("flwr").info("[copra-fl] round %s: %s", row["round"], shown)
+
+
+def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver] = (log_round,)) -> Path:
+    """Run the federation described by ``config``; return the output folder."""
+    config.validate()
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.json", config.to_json())
+
+    bundle = model_bundle(config)
+    task = bundle.task
+    initial_state = bundle.initial_state()
+    rule = strategies.build(config.strategy.name)
+    strategies.dry_run(rule, initial_state)  # a broken rule fails here, before round 1
+
+    global_eval = ServerEvaluator(bundle, task.server_examples(config.data.eval_size), config.diagnostics.batch_size)
+    diag_eval = ServerEvaluator(
+        bundle, task.server_examples(config.diagnostics.sample_size), config.diagnostics.batch_size
+    )
+    grid_alphas = config.interpolation_grid()
+
+    def diagnostics(server_round: int, updates: Sequence[ClientUpdate], aggregate: AdapterState) -> dict:
+        metrics, clients, curves = round_diagnostics(
+            [u.state for u in updates],
+            [u.num_examples for u in updates],
+            aggregate,
+            diag_eval,
+            grid=grid_alphas,
+            num_pairs=config.diagnostics.pairs,
+            seed=config.seed * 10_007 + server_round,
+        )
+        metrics["clients"] = [
+            {"partition-id": int(u.metrics.get("partition-id", -1)), "num-examples": u.num_examples, **c}
+            for u, c in zip(updates, clients, strict=True)
+        ]
+        metrics["curves"] = [vars(c) | {"pair": list(c.pair)} for c in curves]
+        return metrics
+
+    strategy = AdapterFedAvg(
+        rule=rule,
+        initial_state=initial_state,
+        transport_dtype=config.federation.transport_dtype,
+        diagnostics=diagnostics if config.diagnostics.enabled else None,
+        fraction_train=config.federation.fraction_train,
+        fraction_evaluate=config.federation.fraction_evaluate,
+        min_train_nodes=config.federation.min_train_nodes,
+        min_evaluate_nodes=min(config.federation.min_train_nodes, config.federation.clients),
+        min_available_nodes=max(config.federation.min_train_nodes, config.federation.clients),
+    )
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+
+    def end_of_round(server_round: int, arrays) -> MetricRecord:
+        """Flower calls this after every round (and once before round 1): evaluate and record."""
+        result = global_eval.factor(strategy.current)
+        row: dict = {"round": server_round}
+        row.update({f"global/{k}": v for k, v in result.items()})
+        if server_round > 0:
+            row.update({k: v for k, v in strategy.round_metrics.items() if not k.startswith("_")})
+            row["time/round_s"] = time.perf_counter() - strategy.round_metrics["_t_start"]
+        metrics_log.append(row)
+        for observer in observers:
+            observer(row)
+        return MetricRecord({f"global/{k}": v for k, v in result.items()})
+
+    train_config = ConfigRecord({**config.to_flat(), "num-rounds": config.federation.rounds})
+    strategy.start(
+        grid=grid,
+        initial_arrays=strategy.initial_arrays(),
+        num_rounds=config.federation.rounds,
+        train_config=train_config,
+        evaluate_config=ConfigRecord(config.to_flat()),
+        evaluate_fn=end_of_round,
+    )
+
+    export_adapter(bundle.model, strategy.current, out_dir / "adapter")
+    write_report(
+        out_dir,
+        metrics_log.rows,
+        config.to_json(),
+        task.metric,
+        title=f"copra-fl run: {config.task} on {config.data.dataset}, strategy {config.strategy.name}, "
+        f"{'CopRA' if config.copra.enabled else 'plain LoRA'}",
+    )
+    return out_dir
+
+
+def make_server_app(config: RunConfig | None = None, observers: Sequence[RoundObserver] = (log_round,)) -> ServerApp:
+    """A ServerApp bound to ``config`` (``copra-fl simulate``), or reading Flower's run config."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_config = config if config is not None else RunConfig.from_flat(dict(context.run_config))
+        run_server(grid, run_config, observers)
+
+    return server_app
+
+
+#: Entry point for ``flwr run .`` (pyproject: serverapp = "server.app:app").
+app = make_server_app()

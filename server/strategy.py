@@ -1,0 +1,123 @@
+"""Flower glue: FedAvg's message flow with the aggregation delegated to a rule.
+
+Flower's FedAvg samples nodes, builds messages and checks replies; this subclass only
+changes what happens to the replies: they become ``ClientUpdate``s, are checked against
+the global adapter, combined by the configured ``AggregationRule`` and measured by the
+barrier diagnostics. Everything else is Flower's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from copra_core.adapters import (
+    AdapterState,
+    array_record_nbytes,
+    check_compatible,
+    from_array_record,
+    to_array_record,
+)
+from strategies.base import AggregationRule, ClientUpdate
+
+log = logging.getLogger(__name__)
+
+#: Called after aggregation with (round, updates, new global adapter); returns metrics.
+DiagnosticsHook = Callable[[int, Sequence[ClientUpdate], AdapterState], dict]
+
+
+class AdapterFedAvg(FedAvg):
+    """FedAvg over LoRA adapters with a pluggable aggregation rule and per-round diagnostics.
+
+    Parameters
+    ----------
+    rule : AggregationRule
+        Combines the client adapters (``strategies/``).
+    initial_state : AdapterState
+        The global adapter before round 1 (fp32).
+    transport_dtype : str
+        Dtype of adapters on the wire (``float32`` or ``float16``).
+    diagnostics : DiagnosticsHook, optional
+        Barrier diagnostics, run on every aggregation.
+    **fedavg_kwargs
+        Passed to Flower's ``FedAvg`` (sampling fractions and minimum node counts).
+    """
+
+    def __init__(
+        self,
+        rule: AggregationRule,
+        initial_state: AdapterState,
+        transport_dtype: str = "float32",
+        diagnostics: DiagnosticsHook | None = None,
+        **fedavg_kwargs: float | int,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.rule = rule
+        self.transport_dtype = transport_dtype
+        self.diagnostics = diagnostics
+        # What the clients receive, decoded: the reference every reply is checked against.
+        self.current: AdapterState = from_array_record(to_array_record(initial_state, transport_dtype))
+        self.round_metrics: dict = {}
+
+    def initial_arrays(self) -> ArrayRecord:
+        return to_array_record(self.current, self.transport_dtype)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.round_metrics = {"_t_start": time.perf_counter()}
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.round_metrics["comm/bytes_down"] = array_record_nbytes(arrays) * len(messages)
+        self.round_metrics["clients/sampled"] = len(messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        self.round_metrics["clients/failed"] = len(errors)
+        if not valid:
+            return None, None
+
+        updates: list[ClientUpdate] = []
+        bytes_up = 0
+        for msg in valid:
+            record = msg.content.array_records[self.arrayrecord_key]
+            bytes_up += array_record_nbytes(record)
+            state = from_array_record(record)
+            node = msg.metadata.src_node_id
+            check_compatible(state, self.current, source=f"adapter from client node {node}")
+            metrics = dict(msg.content.metric_records["metrics"])
+            updates.append(
+                ClientUpdate(
+                    node_id=node,
+                    state=state,
+                    num_examples=int(metrics[self.weighted_by_key]),
+                    metrics=metrics,
+                )
+            )
+        updates.sort(key=lambda u: u.metrics.get("partition-id", u.node_id))
+        self.round_metrics["comm/bytes_up"] = bytes_up
+
+        new_state = self.rule.aggregate(updates, self.current)
+        check_compatible(new_state, self.current, source=f"output of strategy {type(self.rule).__name__}")
+        if self.diagnostics is not None:
+            started = time.perf_counter()
+            self.round_metrics.update(self.diagnostics(server_round, updates, new_state))
+            self.round_metrics["time/diagnostics_s"] = time.perf_counter() - started
+
+        arrays = to_array_record(new_state, self.transport_dtype)
+        self.current = from_array_record(arrays)
+        train_metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return arrays, train_metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            self.round_metrics.update({f"federated/{k}": v for k, v in metrics.items() if k != "num-examples"})
+        return metrics

@@ -1,0 +1,64 @@
+"""Live console display of a simulation: a progress bar and one table row per round (rich)."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+COLUMNS = (
+    ("round", "round", "{:d}"),
+    ("global/accuracy", "acc", "{:.4f}"),
+    ("global/loss", "loss", "{:.4f}"),
+    ("clients/mean_accuracy", "clients acc", "{:.4f}"),
+    ("barrier/jensen_factor", "Jensen F", "{:+.4f}"),
+    ("barrier/jensen_product", "Jensen P", "{:+.4f}"),
+    ("barrier/pairwise_max", "pair barrier", "{:+.4f}"),
+    ("aggregation/exactness_error", "exact err", "{:.4f}"),
+    ("comm/bytes_up", "MB up", "{:.2f}"),
+    ("time/round_s", "s", "{:.1f}"),
+)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if key == "comm/bytes_up":
+        value = value / 1e6
+    return fmt.format(value)
+
+
+class RichRoundDisplay:
+    """Round observer: prints each round as a table row under a live progress bar."""
+
+    def __init__(self, num_rounds: int, title: str, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=False)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.task = self.progress.add_task(title, total=num_rounds)
+        self.header_printed = False
+
+    def start(self) -> None:
+        self.progress.start()
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def __call__(self, row: dict) -> None:
+        table = Table(show_header=not self.header_printed, box=None, pad_edge=False)
+        for _, header, _ in COLUMNS:
+            table.add_column(header, justify="right", min_width=9)
+        table.add_row(*(_cell(row, key, fmt) for key, _, fmt in COLUMNS))
+        self.progress.console.print(table)
+        self.header_printed = True
+        if row["round"] > 0:
+            self.progress.advance(self.task)

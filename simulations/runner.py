@@ -1,0 +1,88 @@
+"""Run a simulated federation in this process with Flower's simulation engine (Ray).
+
+The ServerApp and ClientApp are the same objects ``flwr run .`` loads; this wrapper
+only binds the config to the ServerApp and starts Flower's simulation runtime, for
+users who do not want a SuperLink and a federation file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from copra_core.config import RunConfig
+
+#: Set in every process that runs Flower (see FLOWER_NOTES.md).
+FLOWER_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+
+
+def preflight(config: RunConfig) -> None:
+    """Fail fast, before Ray starts, on anything that would fail in round 1."""
+    import strategies
+    from copra_core import data
+    from copra_core.model_loading import resolve_model_path
+
+    config.validate()
+    strategies.resolve(config.strategy.name)
+    spec = data.dataset_spec(config.data.dataset)
+    data_dir = data.resolve_data_dir(config.data)
+    for split in ("train", "eval"):
+        data.read_split(data_dir, spec, split)
+    path = resolve_model_path(config.model.name)
+    if os.path.sep in path and not Path(path).exists():
+        raise FileNotFoundError(f"Config key 'model.name': local path '{path}' does not exist")
+
+
+def simulate(
+    config: RunConfig, observers: Sequence = (), verbose: bool = False, client_app: object | None = None
+) -> Path:
+    """Run ``config`` as a Flower simulation; return the output folder.
+
+    ``client_app`` replaces the project's ClientApp (custom clients, fault injection).
+    """
+    os.environ.update(FLOWER_ENV)
+    preflight(config)
+    # Imported late: flwr reads the FLWR_* variables at import time.
+    from flwr.simulation import run_simulation
+
+    from client.app import app as default_client_app
+    from server.app import log_round, make_server_app
+
+    server_app = make_server_app(config, observers=tuple(observers) or (log_round,))
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Ray's session files go to a private temporary folder that is removed afterwards.
+    ray_tmp = tempfile.mkdtemp(prefix="copra-ray-")
+    backend_config = {
+        "client_resources": {
+            "num_cpus": config.federation.client_cpus,
+            "num_gpus": config.federation.client_gpus,
+        },
+        "init_args": {
+            "_temp_dir": ray_tmp,
+            "include_dashboard": False,
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+            "log_to_driver": verbose,
+        },
+    }
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app or default_client_app,
+            num_supernodes=config.federation.clients,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return Path(config.out_dir)

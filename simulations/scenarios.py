@@ -1,0 +1,32 @@
+"""Named scenarios: bundles of config overrides that ``copra-fl simulate`` starts from."""
+
+from __future__ import annotations
+
+from copra_core.config import RunConfig
+
+SCENARIOS: dict[str, dict[str, object]] = {
+    # The demo: the full 6-layer all-MiniLM-L6-v2, SST-2 split over 4 non-IID clients
+    # (Dirichlet alpha 0.5 over labels), CopRA, linear averaging. Defaults of RunConfig.
+    "demo": {},
+    # Seconds-scale smoke run for tests and checks: 2 blocks, small samples.
+    "quick": {
+        "model.num-hidden-layers": 2,
+        "federation.clients": 2,
+        "federation.rounds": 2,
+        "train.local-steps": 12,
+        "train.batch-size": 16,
+        "train.lr": 3e-3,
+        "data.partition": "iid",
+        "data.eval-size": 200,
+        "data.val-max": 32,
+        "diagnostics.sample-size": 64,
+        "diagnostics.pairs": 1,
+        "diagnostics.grid": "0,0.5,1",
+    },
+}
+
+
+def scenario_config(name: str) -> RunConfig:
+    if name not in SCENARIOS:
+        raise ValueError(f"Unknown scenario '{name}'; known: {sorted(SCENARIOS)}")
+    return RunConfig.from_flat(SCENARIOS[name])

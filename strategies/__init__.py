@@ -1,0 +1,17 @@
+"""Aggregation rules for federated LoRA, one per module, and their registry."""
+
+from strategies.base import AdapterState, AggregationRule, ClientUpdate, StrategyContractError
+from strategies.linear import LinearAveraging
+from strategies.registry import BUILTIN, build, dry_run, resolve
+
+__all__ = [
+    "BUILTIN",
+    "AdapterState",
+    "AggregationRule",
+    "ClientUpdate",
+    "LinearAveraging",
+    "StrategyContractError",
+    "build",
+    "dry_run",
+    "resolve",
+]

@@ -1,0 +1,54 @@
+"""Vendored data, partitioning and bad-input errors."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from copra_core import data
+from copra_core.config import DataSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_vendored_files_match_checksums():
+    for line in (ROOT / "data" / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()
+        assert hashlib.sha256((ROOT / "data" / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_sst2_shapes():
+    spec = data.dataset_spec("sst2")
+    train = data.read_split(data.REPO_DATA_DIR, spec, "train")
+    dev = data.read_split(data.REPO_DATA_DIR, spec, "eval")
+    assert (len(train), len(dev)) == (67349, 872)
+    assert sum(dev["label"]) == 444
+
+
+def test_missing_data_file_names_the_file_and_key(tmp_path):
+    with pytest.raises(data.DataFileError, match=r"sst2/train\.tsv.*data\.dir"):
+        data.client_splits(DataSettings(dir=str(tmp_path)), 0, 2, seed=0)
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet", "pathological"])
+def test_partitions_are_disjoint_and_deterministic(partition):
+    settings = DataSettings(partition=partition, dirichlet_alpha=0.3)
+    parts = [data.client_splits(settings, i, 3, seed=1) for i in range(3)]
+    again = data.client_splits(settings, 1, 3, seed=1)
+    assert list(again[0]["sentence"]) == list(parts[1][0]["sentence"])
+    sizes = [len(tr) + len(va) for tr, va in parts]
+    assert sum(sizes) <= 67349
+    if partition == "iid":
+        assert max(sizes) - min(sizes) <= 1
+    if partition == "pathological":
+        assert all(len(set(tr["label"])) == 1 for tr, _ in parts)
+    if partition == "dirichlet":
+        shares = [sum(tr["label"]) / len(tr) for tr, _ in parts]
+        assert max(shares) - min(shares) > 0.1  # label skew
+
+
+def test_unknown_dataset_and_partition_errors():
+    with pytest.raises(ValueError, match=r"data\.dataset"):
+        data.dataset_spec("imagenet")
+    with pytest.raises(ValueError, match=r"data\.partition"):
+        data.make_partitioner(DataSettings(partition="zipf"), 2, 0)

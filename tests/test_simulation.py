@@ -1,0 +1,164 @@
+"""End-to-end runs through Flower's simulation engine (Ray), each in a subprocess.
+
+A subprocess per run keeps Ray's processes out of the test process; the tests check
+that none is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED_KEYS = {
+    "round",
+    "global/accuracy",
+    "global/loss",
+    "barrier/jensen_factor",
+    "barrier/jensen_product",
+    "barrier/pairwise_max",
+    "aggregation/exactness_error",
+    "comm/bytes_up",
+    "comm/bytes_down",
+    "time/round_s",
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _ray_processes() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+def _run(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    before = _ray_processes()
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    leaked = _ray_processes() - before
+    assert not leaked, f"Ray processes left running: {leaked}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quick")
+    out = tmp / "run"
+    proc = _run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--quick", "--out", str(out), "--no-display"],
+        tmp,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_quick_run_writes_every_output(quick_run):
+    for name in ("metrics.jsonl", "config.json", "report.md", "accuracy.png", "barriers.png", "interpolation.png"):
+        assert (quick_run / name).is_file(), name
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(quick_run / "adapter"))
+    rows = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
+    config = json.loads((quick_run / "config.json").read_text())
+    assert [r["round"] for r in rows] == list(range(config["federation"]["rounds"] + 1))
+    for row in rows[1:]:
+        assert row.keys() >= REQUIRED_KEYS
+        assert all(isinstance(row[k], (int, float)) for k in REQUIRED_KEYS), row
+        assert row["comm/bytes_up"] > 0 and row["comm/bytes_down"] > 0
+        assert 0 <= row["aggregation/exactness_error"] < 1
+    assert "![barriers](barriers.png)" in (quick_run / "report.md").read_text()
+
+
+def test_quick_run_beats_chance(quick_run):
+    rows = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
+    # 200 balanced-ish dev examples: chance is ~0.5, and 0.6 is > 2.8 standard errors above it.
+    assert rows[-1]["global/accuracy"] >= 0.6, rows[-1]["global/accuracy"]
+
+
+def test_exported_adapter_reproduces_the_run(quick_run):
+    """PeftModel.from_pretrained on the base model gives the run's final accuracy exactly."""
+    from copra_core.config import RunConfig
+    from copra_core.tasks import build_task
+
+    flat_rows = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
+    config = RunConfig()
+    nested = json.loads((quick_run / "config.json").read_text())
+    for section, values in nested.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                setattr(getattr(config, section), key, value)
+        else:
+            setattr(config, section, values)
+    task = build_task(config)
+    base, _ = task.load_model()
+    model = PeftModel.from_pretrained(base, str(quick_run / "adapter")).eval()
+    examples = task.server_examples(config.data.eval_size)
+    correct = 0
+    with torch.no_grad():
+        for batch in task.eval_batches(examples, 64):
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    assert correct / len(examples) == pytest.approx(flat_rows[-1]["global/accuracy"], abs=1e-12)
+
+
+FAULTY_CLIENT = textwrap.dedent(
+    """
+    import sys
+    from flwr.app import ArrayRecord, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    import client.app as real
+    from simulations.runner import simulate
+    from simulations.scenarios import scenario_config
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        reply = real.train(msg, context)
+        arrays = reply.content.array_records["arrays"]
+        renamed = {("bogus." + k if i == 0 else k): v for i, (k, v) in enumerate(arrays.items())}
+        content = RecordDict({"arrays": ArrayRecord(renamed), "metrics": reply.content.metric_records["metrics"]})
+        return Message(content=content, reply_to=msg)
+
+    config = scenario_config("quick")
+    config.out_dir = sys.argv[1]
+    config.federation.rounds = 1
+    simulate(config, client_app=app)
+    """
+)
+
+
+def test_mismatched_client_adapter_is_a_clear_error(tmp_path):
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY_CLIENT)
+    env_path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = env_path
+    proc = _run([sys.executable, str(script), str(tmp_path / "out")], tmp_path)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "AdapterMismatchError" in output and "adapter from client node" in output, output[-3000:]
+    assert "unexpected keys ['bogus." in output
+    assert not (tmp_path / "out" / "adapter").exists()  # nothing exported from a failed run
+
+
+def test_bad_config_fails_before_flower_starts(tmp_path):
+    proc = _run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--quick", "--out", str(tmp_path), "--set", "lora.r=0"],
+        tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "lora.r" in proc.stderr
+    proc = _run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--quick", "--out", str(tmp_path), "--strategy", "nope"],
+        tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "unknown strategy 'nope'" in proc.stderr

@@ -1,0 +1,106 @@
+"""Aggregation rules against independent computations; registry and contract errors."""
+
+import numpy as np
+import pytest
+import torch
+
+import strategies
+from strategies.base import AggregationRule, ClientUpdate, StrategyContractError
+from strategies.linear import LinearAveraging
+
+
+def _updates(num=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    template = {
+        "m.lora_A.weight": torch.zeros(2, 5),
+        "m.lora_B.weight": torch.zeros(4, 2),
+        "head.weight": torch.zeros(2),
+    }
+    updates = [
+        ClientUpdate(
+            node_id=i, state={k: torch.randn(v.shape, generator=g) for k, v in template.items()}, num_examples=n
+        )
+        for i, n in zip(range(num), [5, 15, 80], strict=False)
+    ]
+    return updates, template
+
+
+def test_linear_is_example_weighted_mean():
+    updates, template = _updates()
+    out = LinearAveraging().aggregate(updates, template)
+    total = sum(u.num_examples for u in updates)
+    for key in template:
+        expected = sum(u.num_examples / total * u.state[key].double().numpy() for u in updates)
+        np.testing.assert_allclose(out[key].numpy(), expected, rtol=1e-6, atol=1e-6)
+        assert out[key].dtype == template[key].dtype
+
+
+def test_registry_resolves_names_and_dotted_paths():
+    assert strategies.resolve("linear") is LinearAveraging
+    assert strategies.resolve("strategies.linear:LinearAveraging") is LinearAveraging
+    assert isinstance(strategies.build("tests.test_strategies:FirstClientWins"), FirstClientWins)
+
+
+class FirstClientWins(AggregationRule):
+    """A user's rule: keep the first client's adapter."""
+
+    name = "first"
+
+    def aggregate(self, updates, current):
+        return {k: v.clone() for k, v in updates[0].state.items()}
+
+
+class NotARule:
+    def aggregate(self, updates, current):
+        return current
+
+
+class Incomplete(AggregationRule):
+    pass
+
+
+class DropsKeys(AggregationRule):
+    def aggregate(self, updates, current):
+        return {k: v for k, v in list(current.items())[1:]}
+
+
+class WrongShape(AggregationRule):
+    def aggregate(self, updates, current):
+        return {k: torch.zeros(1) for k in current}
+
+
+class Explodes(AggregationRule):
+    def aggregate(self, updates, current):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("lineer", r"unknown strategy 'lineer'.*Did you mean \['linear'\]"),
+        ("no_such_module:Rule", "cannot import module 'no_such_module'"),
+        ("tests.test_strategies:Missing", "has no 'Missing'"),
+        ("tests.test_strategies:NotARule", "must subclass strategies.base.AggregationRule"),
+        ("tests.test_strategies:Incomplete", r"does not implement \['aggregate'\]"),
+    ],
+)
+def test_registry_errors(spec, message):
+    with pytest.raises(StrategyContractError, match=message):
+        strategies.build(spec)
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [(DropsKeys, "output keys differ"), (WrongShape, "expected tensor"), (Explodes, "failed on a dry run")],
+)
+def test_dry_run_rejects_bad_outputs(cls, message):
+    _, template = _updates()
+    with pytest.raises(StrategyContractError, match=message):
+        strategies.dry_run(cls(), template)
+
+
+def test_dry_run_accepts_good_rules_without_touching_their_state():
+    _, template = _updates()
+    rule = LinearAveraging()
+    strategies.dry_run(rule, template)
+    strategies.dry_run(FirstClientWins(), template)
