@@ -13,10 +13,13 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from flwr.app import ArrayRecord
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+if TYPE_CHECKING:  # Flower is needed for the wire format only; the methods import without it.
+    from flwr.app import ArrayRecord
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -79,6 +82,8 @@ def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
 # ---------------------------------------------------------------------- wire format
 def to_array_record(state: Mapping[str, torch.Tensor], transport_dtype: str = "float32") -> ArrayRecord:
     """Adapter -> Flower ArrayRecord (bf16 is not transportable: cast to fp32/fp16)."""
+    from flwr.app import ArrayRecord
+
     dtype = getattr(torch, transport_dtype)
     return ArrayRecord({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()})
 

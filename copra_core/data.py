@@ -8,8 +8,11 @@ which tests must not do, and the files are small.
 from __future__ import annotations
 
 import csv
+import importlib.metadata
+import json
 import logging
 import os
+import urllib.parse
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -62,14 +65,38 @@ class DataFileError(FileNotFoundError):
     """A dataset file is missing; the message names the file and the config key."""
 
 
+def _editable_install_data_dir() -> Path | None:
+    """data/ of the checkout copra-fl was pip-installed from in editable mode, if any.
+
+    ``flwr run .`` executes the app from an unpacked FAB, which holds only code and
+    config (no TSV files), so the repository's data/ must be found through the install.
+    """
+    try:
+        direct_url = importlib.metadata.distribution("copra-fl").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not direct_url:
+        return None
+    url = json.loads(direct_url).get("url", "")
+    if not url.startswith("file://"):
+        return None
+    return Path(urllib.parse.unquote(url[len("file://") :])) / "data"
+
+
 def resolve_data_dir(settings: DataSettings) -> Path:
-    """The data folder: ``data.dir``, else ``$COPRA_FL_DATA_DIR``, else the repo's data/."""
+    """The data folder, first match of: config key ``data.dir``, ``$COPRA_FL_DATA_DIR``,
+    data/ beside this source tree, data/ of the editable install's checkout."""
     if settings.dir:
         return Path(settings.dir).expanduser().resolve()
     env = os.environ.get("COPRA_FL_DATA_DIR")
     if env:
         return Path(env).expanduser().resolve()
-    return REPO_DATA_DIR
+    candidates = [REPO_DATA_DIR, _editable_install_data_dir()]
+    for candidate in candidates:
+        if candidate is not None and (candidate / "MANIFEST.md").is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates if c is not None)
+    raise DataFileError(f"No data folder found (tried {tried}); set config key 'data.dir' or $COPRA_FL_DATA_DIR.")
 
 
 def dataset_spec(name: str) -> TextClassificationSpec:

@@ -8,7 +8,7 @@ per partition. The adapter itself comes from the server every round.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
 import torch
@@ -19,7 +19,7 @@ from copra_core.config import RunConfig
 from copra_core.copra import BlockDropper
 from copra_core.device import resolve_device
 from copra_core.lora import build_peft_model, lora_layers_by_block
-from copra_core.tasks import Task, build_task
+from copra_core.tasks import Batch, Task, build_task
 from copra_core.training import RoundSchedule, evaluate, train_local
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,18 @@ class ClientLearner:
     def num_train_examples(self) -> int:
         return len(self.train_examples)
 
+    def round_batches(self, server_round: int) -> Iterator[Batch]:
+        """This client's batches for a round: a seeded shuffle, continued round after round."""
+        cfg = self.config
+        return self.bundle.task.train_batches(
+            self.train_examples,
+            cfg.train.batch_size,
+            cfg.train.local_steps,
+            seed=_mix(cfg.seed, self.partition_id, 0),
+            offset=(server_round - 1) * cfg.train.local_steps * cfg.train.batch_size,
+            group_by_length=cfg.train.group_by_length,
+        )
+
     def fit(self, state: AdapterState, server_round: int, num_rounds: int) -> tuple[AdapterState, dict[str, float]]:
         cfg, bundle = self.config, self.bundle
         set_adapter_state(bundle.model, state)
@@ -98,14 +110,7 @@ class ClientLearner:
             full_at=cfg.copra.full_at,
             seed=_mix(cfg.seed, self.partition_id, server_round),
         )
-        batches = bundle.task.train_batches(
-            self.train_examples,
-            cfg.train.batch_size,
-            cfg.train.local_steps,
-            seed=_mix(cfg.seed, self.partition_id, 0),
-            offset=(server_round - 1) * cfg.train.local_steps * cfg.train.batch_size,
-            group_by_length=cfg.train.group_by_length,
-        )
+        batches = self.round_batches(server_round)
         metrics = train_local(
             bundle.model,
             bundle.task,

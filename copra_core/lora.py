@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -56,7 +57,10 @@ def build_peft_model(base: nn.Module, settings: LoraSettings, new_modules: list[
     )
     # LoRA A is randomly initialised: seed it so the server's initial adapter is reproducible.
     torch.manual_seed(seed)
-    return get_peft_model(base, config, adapter_name=ADAPTER_NAME)
+    with warnings.catch_warnings():
+        # transformers 5 deprecates an attribute PEFT still reads; nothing for users to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(base, config, adapter_name=ADAPTER_NAME)
 
 
 def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
@@ -67,7 +68,11 @@ def load_pretrained(
     try:
         with quiet_transformers():
             config = AutoConfig.from_pretrained(model_path, **kwargs)
-            model, info = auto_class.from_pretrained(model_path, config=config, output_loading_info=True)
+            # fp32 master weights whatever the checkpoint's dtype (transformers 5 defaults to
+            # the checkpoint's): LoRA training and averaging are done in fp32.
+            model, info = auto_class.from_pretrained(
+                model_path, config=config, output_loading_info=True, dtype=torch.float32
+            )
     except OSError as err:
         raise OSError(
             f"Could not load model '{model_path}' (config key 'model.name'): {err}. "

@@ -106,6 +106,8 @@ class AdapterFedAvg(FedAvg):
 
         new_state = self.rule.aggregate(updates, self.current)
         check_compatible(new_state, self.current, source=f"output of strategy {type(self.rule).__name__}")
+        # Send, local training, receive and aggregation: the part a bare training loop also has.
+        self.round_metrics["time/train_s"] = time.perf_counter() - self.round_metrics["_t_start"]
         if self.diagnostics is not None:
             started = time.perf_counter()
             self.round_metrics.update(self.diagnostics(server_round, updates, new_state))

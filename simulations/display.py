@@ -8,17 +8,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+# Short headers so the table fits 80 columns; README explains each.
 COLUMNS = (
-    ("round", "round", "{:d}"),
-    ("global/accuracy", "acc", "{:.4f}"),
-    ("global/loss", "loss", "{:.4f}"),
-    ("clients/mean_accuracy", "clients acc", "{:.4f}"),
-    ("barrier/jensen_factor", "Jensen F", "{:+.4f}"),
-    ("barrier/jensen_product", "Jensen P", "{:+.4f}"),
-    ("barrier/pairwise_max", "pair barrier", "{:+.4f}"),
-    ("aggregation/exactness_error", "exact err", "{:.4f}"),
-    ("comm/bytes_up", "MB up", "{:.2f}"),
-    ("time/round_s", "s", "{:.1f}"),
+    ("round", "rnd", "{:d}"),
+    ("global/accuracy", "acc", "{:.3f}"),
+    ("clients/mean_accuracy", "cli_acc", "{:.3f}"),
+    ("barrier/jensen_factor", "J_fac", "{:+.3f}"),
+    ("barrier/jensen_product", "J_prod", "{:+.3f}"),
+    ("barrier/pairwise_max", "barrier", "{:+.3f}"),
+    ("aggregation/exactness_error", "exact", "{:.3f}"),
+    ("comm/bytes_up", "MB_up", "{:.2f}"),
+    ("time/round_s", "sec", "{:.0f}"),
 )
 
 
@@ -56,7 +56,7 @@ class RichRoundDisplay:
     def __call__(self, row: dict) -> None:
         table = Table(show_header=not self.header_printed, box=None, pad_edge=False)
         for _, header, _ in COLUMNS:
-            table.add_column(header, justify="right", min_width=9)
+            table.add_column(header, justify="right", min_width=7)
         table.add_row(*(_cell(row, key, fmt) for key, _, fmt in COLUMNS))
         self.progress.console.print(table)
         self.header_printed = True

@@ -50,6 +50,8 @@ def simulate(
     ``client_app`` replaces the project's ClientApp (custom clients, fault injection).
     """
     os.environ.update(FLOWER_ENV)
+    # Ray's future default (keep CUDA_VISIBLE_DEVICES as is when num_gpus=0); silences its warning.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     preflight(config)
     # Imported late: flwr reads the FLWR_* variables at import time.
     from flwr.simulation import run_simulation
@@ -59,7 +61,9 @@ def simulate(
 
     server_app = make_server_app(config, observers=tuple(observers) or (log_round,))
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # The console shows our own per-round display; Flower's INFO lines and its
+        # deprecation notice for the Python simulation API would drown it.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     # Ray's session files go to a private temporary folder that is removed afterwards.
     ray_tmp = tempfile.mkdtemp(prefix="copra-ray-")
