@@ -85,7 +85,7 @@ class CopraSettings:
 class TrainSettings:
     local_steps: int = _help("Optimizer steps per client per round.", default=30)
     batch_size: int = _help("Examples per step.", default=32)
-    lr: float = _help("AdamW learning rate (LoRA factors and saved modules).", default=3e-3)
+    lr: float = _help("AdamW learning rate (LoRA factors and saved modules).", default=5e-3)
     head_lr: float = _help(
         "Learning rate of fully trained modules (modules-to-save: the head); 0 = train.lr. "
         "A fresh head on small pooled features learns slowly at LoRA's rate.",
@@ -123,6 +123,11 @@ class FederationSettings:
     fraction_evaluate: float = _help("Fraction of clients sampled for federated evaluation (0 = off).", default=1.0)
     min_train_nodes: int = _help("Minimum clients per training round.", default=2)
     transport_dtype: str = _help("Dtype of adapters on the wire: float32 | float16.", default="float32")
+    wait_for_nodes_s: float = _help(
+        "Seconds the server waits for federation.clients nodes to connect before round 1 "
+        "(then it stops with an error naming both numbers).",
+        default=120.0,
+    )
     client_cpus: float = _help("Simulation: CPUs reserved per client (Ray).", default=1.0)
     client_gpus: float = _help("Simulation: GPUs per client (0.25 packs four clients on one GPU).", default=0.0)
 

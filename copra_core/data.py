@@ -92,8 +92,10 @@ def resolve_data_dir(settings: DataSettings) -> Path:
     if env:
         return Path(env).expanduser().resolve()
     candidates = [REPO_DATA_DIR, _editable_install_data_dir()]
+    wanted = dataset_spec(settings.dataset).train_file
     for candidate in candidates:
-        if candidate is not None and (candidate / "MANIFEST.md").is_file():
+        # Check the data file itself: an unpacked FAB carries data/MANIFEST.md but no TSVs.
+        if candidate is not None and (candidate / wanted).is_file():
             return candidate
     tried = ", ".join(str(c) for c in candidates if c is not None)
     raise DataFileError(f"No data folder found (tried {tried}); set config key 'data.dir' or $COPRA_FL_DATA_DIR.")

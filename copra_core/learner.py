@@ -102,6 +102,9 @@ class ClientLearner:
     def fit(self, state: AdapterState, server_round: int, num_rounds: int) -> tuple[AdapterState, dict[str, float]]:
         cfg, bundle = self.config, self.bundle
         set_adapter_state(bundle.model, state)
+        # Dropout and LoRA-dropout draw from torch's global RNG: seed it per (client, round)
+        # so a round's result does not depend on which process ran which client before.
+        torch.manual_seed(_mix(cfg.seed, self.partition_id, server_round, 1))
         schedule = RoundSchedule(server_round, num_rounds, cfg.train.local_steps)
         dropper = BlockDropper(
             bundle.blocks,

@@ -44,6 +44,26 @@ def log_round(row: dict) -> None:
     logging.getLogger("flwr").info("[copra-fl] round %s: %s", row["round"], shown)
 
 
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> None:
+    """Wait (bounded) until ``expected`` nodes are connected; a clear error otherwise.
+
+    Without it, a federation with fewer nodes than ``federation.clients`` (e.g. Flower's
+    default local federation of 2 supernodes) would wait for them forever.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= expected:
+            return
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"Only {connected} of federation.clients={expected} nodes connected after {timeout_s:.0f}s. "
+                "Start more supernodes (simulation: --federation-config 'num-supernodes=N') "
+                "or set federation.clients to the number of nodes."
+            )
+        time.sleep(1.0)
+
+
 def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver] = (log_round,)) -> Path:
     """Run the federation described by ``config``; return the output folder."""
     config.validate()
@@ -92,6 +112,7 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
         min_available_nodes=max(config.federation.min_train_nodes, config.federation.clients),
     )
     metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+    wait_for_nodes(grid, config.federation.clients, config.federation.wait_for_nodes_s)
 
     def end_of_round(server_round: int, arrays) -> MetricRecord:
         """Flower calls this after every round (and once before round 1): evaluate and record."""

@@ -116,6 +116,9 @@ class AdapterFedAvg(FedAvg):
         arrays = to_array_record(new_state, self.transport_dtype)
         self.current = from_array_record(arrays)
         train_metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        self.round_metrics.update(
+            {f"train/{k}": v for k, v in train_metrics.items() if k not in ("num-examples", "partition-id")}
+        )
         return arrays, train_metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -11,12 +11,13 @@ SCENARIOS: dict[str, dict[str, object]] = {
     # Seconds-scale smoke run for tests and checks: 2 blocks, small samples.
     "quick": {
         # A 2-block encoder sits on a plateau for ~80 steps (fresh head, LoRA B = 0),
-        # hence the higher learning rate and 60 short steps per round.
+        # hence the higher learning rate and 100 short steps per round (0.73-0.77 dev accuracy
+        # for seeds 0, 1, 2 in-process).
         "model.num-hidden-layers": 2,
         "model.max-length": 32,
         "federation.clients": 2,
         "federation.rounds": 3,
-        "train.local-steps": 60,
+        "train.local-steps": 100,
         "train.batch-size": 16,
         "train.lr": 1e-2,
         "data.partition": "iid",

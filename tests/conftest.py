@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -48,3 +49,8 @@ def bundle():
     from copra_core.learner import model_bundle
 
     return model_bundle(tiny_config())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's scratch folder (FLWR_HOME, matplotlib and HF caches)."""
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)

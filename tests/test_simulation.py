@@ -17,6 +17,8 @@ import pytest
 import torch
 from peft import PeftModel
 
+from tests.processes import FLOWER_AND_RAY, alive, leftovers, pgrep
+
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {
     "round",
@@ -34,17 +36,13 @@ REQUIRED_KEYS = {
 pytestmark = pytest.mark.slow
 
 
-def _ray_processes() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::"], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
-
-
 def _run(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    before = _ray_processes()
+    # The repository root on the path: scripts run from tmp_path import the project.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    before = pgrep(FLOWER_AND_RAY)
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    leaked = _ray_processes() - before
-    assert not leaked, f"Ray processes left running: {leaked}"
+    leaked = leftovers(lambda: {p for p in pgrep(FLOWER_AND_RAY) - before if alive(p)})
+    assert not leaked, f"processes left running: {leaked}"
     return proc
 
 
@@ -138,8 +136,6 @@ FAULTY_CLIENT = textwrap.dedent(
 def test_mismatched_client_adapter_is_a_clear_error(tmp_path):
     script = tmp_path / "faulty.py"
     script.write_text(FAULTY_CLIENT)
-    env_path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    os.environ["PYTHONPATH"] = env_path
     proc = _run([sys.executable, str(script), str(tmp_path / "out")], tmp_path)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
