@@ -83,7 +83,7 @@ class CopraSettings:
 
 @dataclass
 class TrainSettings:
-    local_steps: int = _help("Optimizer steps per client per round.", default=30)
+    local_steps: int = _help("Optimizer steps per client per round.", default=34)
     batch_size: int = _help("Examples per step.", default=32)
     lr: float = _help("AdamW learning rate (LoRA factors and saved modules).", default=5e-3)
     head_lr: float = _help(
@@ -111,13 +111,13 @@ class DataSettings:
     dirichlet_alpha: float = _help("Dirichlet concentration over labels (smaller = more skewed).", default=0.5)
     classes_per_client: int = _help("Labels per client for the pathological partitioner.", default=1)
     val_fraction: float = _help("Fraction of each client's partition held out for local validation.", default=0.1)
-    val_max: int = _help("Cap on local validation examples per client (0 = no cap).", default=128)
+    val_max: int = _help("Cap on local validation examples per client (0 = no cap).", default=64)
     eval_size: int = _help("Server evaluation examples from the dev set (0 = whole dev set).", default=0)
 
 
 @dataclass
 class FederationSettings:
-    rounds: int = _help("Server rounds.", default=8)
+    rounds: int = _help("Server rounds.", default=7)
     clients: int = _help("Simulated clients (supernodes).", default=4)
     fraction_train: float = _help("Fraction of clients sampled for training per round.", default=1.0)
     fraction_evaluate: float = _help("Fraction of clients sampled for federated evaluation (0 = off).", default=1.0)
@@ -135,7 +135,7 @@ class FederationSettings:
 @dataclass
 class DiagnosticsSettings:
     enabled: bool = _help("Compute barrier diagnostics every round.", default=True)
-    sample_size: int = _help("Fixed server evaluation sample for the diagnostics.", default=128)
+    sample_size: int = _help("Fixed server evaluation sample for the diagnostics.", default=96)
     pairs: int = _help("Client pairs whose interpolation curve is measured per round.", default=1)
     grid: str = _help("Interpolation grid alpha values, comma-separated.", default="0,0.25,0.5,0.75,1")
     batch_size: int = _help("Batch size of server and client evaluations (small = less padding).", default=32)
