@@ -85,6 +85,7 @@ def plot_accuracy(rows: Sequence[dict], metric: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for key, label, style in (
         (f"global/{metric}", "global adapter (server eval set)", "o-"),
+        (f"diag/aggregate_{metric}", "global adapter (diag sample)", "o:"),
         (f"clients/mean_{metric}", "clients before averaging (mean, diag sample)", "s--"),
         (f"diag/product_avg_{metric}", "exact product-space average (diag sample)", "^:"),
     ):
