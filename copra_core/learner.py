@@ -45,6 +45,9 @@ class ModelBundle:
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         self.task: Task = build_task(config)
+        # transformers initialises missing weights (the new head) from torch's global RNG:
+        # seed it so the server's initial adapter is the same in every run.
+        torch.manual_seed(config.seed)
         base, new_modules = self.task.load_model()
         self.model: PeftModel = build_peft_model(base, config.lora, new_modules, config.seed).to(self.device)
         self.blocks = lora_layers_by_block(self.model)

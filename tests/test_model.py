@@ -46,3 +46,20 @@ def test_unknown_module_to_save_is_a_clear_error(base):
     model, new_modules = base
     with pytest.raises(ConfigError, match=r"lora\.modules-to-save.*'lm_head'"):
         build_peft_model(model, LoraSettings(modules_to_save="auto,lm_head"), new_modules, seed=0)
+
+
+def test_initial_adapter_is_reproducible():
+    """Same seed, same initial adapter (fresh head included) in every process and run."""
+    import torch
+
+    from copra_core.learner import ModelBundle
+
+    first, second = ModelBundle(tiny_config()).initial_state(), ModelBundle(tiny_config()).initial_state()
+    torch.manual_seed(12345)  # a different global RNG state must not matter
+    third = ModelBundle(tiny_config()).initial_state()
+    assert any("classifier" in k for k in first)
+    assert all(torch.equal(first[k], second[k]) and torch.equal(first[k], third[k]) for k in first)
+    other = ModelBundle(tiny_config(seed=1)).initial_state()
+    assert not torch.equal(
+        first[next(k for k in first if "classifier" in k)], other[next(k for k in other if "classifier" in k)]
+    )
