@@ -38,7 +38,7 @@ def simulate(
         list[str] | None,
         typer.Option("--set", help="Config override key=value (repeatable); see `copra-fl config`."),
     ] = None,
-    quick: Annotated[bool, typer.Option(help="Seconds-scale smoke run (2-layer model, small samples).")] = False,
+    quick: Annotated[bool, typer.Option(help="Smoke run of about a minute (2-layer model, small samples).")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
     display: Annotated[bool, typer.Option(help="Live progress bar and per-round table.")] = True,
 ) -> None:

@@ -8,7 +8,7 @@ SCENARIOS: dict[str, dict[str, object]] = {
     # The demo: the full 6-layer all-MiniLM-L6-v2, SST-2 split over 4 non-IID clients
     # (Dirichlet alpha 0.5 over labels), CopRA, linear averaging. Defaults of RunConfig.
     "demo": {},
-    # Seconds-scale smoke run for tests and checks: 2 blocks, small samples.
+    # Smoke run of about a minute for tests and checks: 2 blocks, small samples.
     "quick": {
         # A 2-block encoder sits on a plateau for ~80 steps (fresh head, LoRA B = 0),
         # hence the higher learning rate and 100 short steps per round (0.73-0.77 dev accuracy
