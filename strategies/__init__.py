@@ -2,6 +2,7 @@
 
 from strategies.base import AdapterState, AggregationRule, ClientUpdate, StrategyContractError
 from strategies.linear import LinearAveraging
+from strategies.product_svd import ProductSVD
 from strategies.registry import BUILTIN, build, dry_run, resolve
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "AggregationRule",
     "ClientUpdate",
     "LinearAveraging",
+    "ProductSVD",
     "StrategyContractError",
     "build",
     "dry_run",

@@ -12,8 +12,9 @@ import torch
 
 from strategies.base import AggregationRule, ClientUpdate, StrategyContractError
 from strategies.linear import LinearAveraging
+from strategies.product_svd import ProductSVD
 
-BUILTIN: dict[str, type[AggregationRule]] = {LinearAveraging.name: LinearAveraging}
+BUILTIN: dict[str, type[AggregationRule]] = {rule.name: rule for rule in (LinearAveraging, ProductSVD)}
 
 
 def resolve(spec: str) -> type[AggregationRule]:

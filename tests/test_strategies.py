@@ -104,3 +104,35 @@ def test_dry_run_accepts_good_rules_without_touching_their_state():
     rule = LinearAveraging()
     strategies.dry_run(rule, template)
     strategies.dry_run(FirstClientWins(), template)
+
+
+def test_product_svd_is_the_best_rank_r_approximation_of_the_exact_average():
+    updates, template = _updates()
+    rule = strategies.build("product_svd")
+    out = rule.aggregate(updates, template)
+    total = sum(u.num_examples for u in updates)
+    a = [u.state["m.lora_A.weight"].double().numpy() for u in updates]
+    b = [u.state["m.lora_B.weight"].double().numpy() for u in updates]
+    exact = sum(u.num_examples / total * bi @ ai for u, ai, bi in zip(updates, a, b, strict=True))
+    u_np, s_np, vh_np = np.linalg.svd(exact)
+    best = (u_np[:, :2] * s_np[:2]) @ vh_np[:2]  # rank r = 2 (Eckart-Young)
+    got = out["m.lora_B.weight"].double().numpy() @ out["m.lora_A.weight"].double().numpy()
+    np.testing.assert_allclose(got, best, rtol=1e-5, atol=1e-5)
+    expected_error = np.sqrt((s_np[2:] ** 2).sum() / (s_np**2).sum())
+    assert rule.last_truncation_error == pytest.approx(expected_error, rel=1e-6)
+    head = sum(u.num_examples / total * u.state["head.weight"].double().numpy() for u in updates)
+    np.testing.assert_allclose(out["head.weight"].numpy(), head, rtol=1e-6, atol=1e-6)
+    strategies.dry_run(rule, template)
+
+
+def test_product_svd_is_exact_when_the_average_has_rank_r():
+    """One client (or identical clients): re-factorisation reproduces B A exactly."""
+    updates, template = _updates(num=1)
+    out = strategies.build("product_svd").aggregate(updates, template)
+    state = updates[0].state
+    np.testing.assert_allclose(
+        (out["m.lora_B.weight"] @ out["m.lora_A.weight"]).numpy(),
+        (state["m.lora_B.weight"] @ state["m.lora_A.weight"]).numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
