@@ -51,9 +51,13 @@ class ModelBundle:
         base, new_modules = self.task.load_model()
         self.model: PeftModel = build_peft_model(base, config.lora, new_modules, config.seed).to(self.device)
         self.blocks = lora_layers_by_block(self.model)
+        # Kept apart from the model, whose adapter changes with every fit and evaluation:
+        # a second run in the same process must start from the same seeded adapter.
+        self._initial_state = get_adapter_state(self.model)
 
     def initial_state(self) -> AdapterState:
-        return get_adapter_state(self.model)
+        """The seeded initial adapter (a copy), whatever the model holds now."""
+        return {key: value.clone() for key, value in self._initial_state.items()}
 
 
 _BUNDLES: dict[str, ModelBundle] = {}

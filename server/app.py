@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 import strategies
-from copra_core.adapters import AdapterState, export_adapter
+from copra_core.adapters import AdapterState, export_adapter, set_adapter_state
 from copra_core.config import RunConfig
 from copra_core.diagnostics import round_diagnostics
 from copra_core.evaluator import ServerEvaluator
@@ -74,6 +74,7 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
     bundle = model_bundle(config)
     task = bundle.task
     initial_state = bundle.initial_state()
+    set_adapter_state(bundle.model, initial_state)  # the cached model may hold a previous run's adapter
     rule = strategies.build(config.strategy.name)
     strategies.dry_run(rule, initial_state)  # a broken rule fails here, before round 1
 

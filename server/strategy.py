@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -23,7 +24,7 @@ from copra_core.adapters import (
     from_array_record,
     to_array_record,
 )
-from strategies.base import AggregationRule, ClientUpdate
+from strategies.base import AggregationRule, ClientUpdate, StrategyContractError
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +107,22 @@ class AdapterFedAvg(FedAvg):
 
         new_state = self.rule.aggregate(updates, self.current)
         check_compatible(new_state, self.current, source=f"output of strategy {type(self.rule).__name__}")
+        broken = sorted(key for key, value in new_state.items() if not torch.isfinite(value).all())
+        if broken:
+            # A NaN/Inf global adapter would poison every later round: stop here, say where.
+            raise StrategyContractError(
+                f"Strategy {type(self.rule).__name__} produced non-finite values in round {server_round}: {broken[:5]}"
+            )
         # Send, local training, receive and aggregation: the part a bare training loop also has.
         self.round_metrics["time/train_s"] = time.perf_counter() - self.round_metrics["_t_start"]
-        if self.diagnostics is not None:
-            started = time.perf_counter()
-            self.round_metrics.update(self.diagnostics(server_round, updates, new_state))
-            self.round_metrics["time/diagnostics_s"] = time.perf_counter() - started
-
+        # Encode first: the diagnostics must score the adapter the clients will receive.
         arrays = to_array_record(new_state, self.transport_dtype)
         self.current = from_array_record(arrays)
+        if self.diagnostics is not None:
+            started = time.perf_counter()
+            self.round_metrics.update(self.diagnostics(server_round, updates, self.current))
+            self.round_metrics["time/diagnostics_s"] = time.perf_counter() - started
+
         train_metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         self.round_metrics.update(
             {f"train/{k}": v for k, v in train_metrics.items() if k not in ("num-examples", "partition-id")}

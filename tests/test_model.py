@@ -63,3 +63,16 @@ def test_initial_adapter_is_reproducible():
     assert not torch.equal(
         first[next(k for k in first if "classifier" in k)], other[next(k for k in other if "classifier" in k)]
     )
+
+
+def test_initial_state_survives_training_in_the_cached_model(bundle):
+    """The process-wide model changes every round; its initial adapter must not."""
+    import torch
+
+    from copra_core.adapters import get_adapter_state, set_adapter_state
+
+    before = bundle.initial_state()
+    set_adapter_state(bundle.model, {k: v + 1.0 for k, v in get_adapter_state(bundle.model).items()})
+    after = bundle.initial_state()
+    set_adapter_state(bundle.model, before)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from strategies.base import AggregationRule
 from tests.processes import FLOWER_AND_RAY, alive, leftovers, pgrep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +159,35 @@ def test_bad_config_fails_before_flower_starts(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 1 and "unknown strategy 'nope'" in proc.stderr
+
+
+class NaNOnRealRounds(AggregationRule):
+    """Passes the dry run (tiny example counts), returns NaN in real rounds."""
+
+    def aggregate(self, updates, current):
+        if sum(u.num_examples for u in updates) < 1000:  # the dry run's synthetic clients
+            return {k: v.clone() for k, v in current.items()}
+        return {k: torch.full_like(v, float("nan")) for k, v in current.items()}
+
+
+def test_non_finite_aggregate_stops_the_run_with_a_named_error(tmp_path):
+    proc = _run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.cli",
+            "simulate",
+            "--quick",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-display",
+            "--rounds",
+            "1",
+            "--strategy",
+            "tests.test_simulation:NaNOnRealRounds",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 1
+    assert "produced non-finite values in round 1" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out" / "adapter").exists()
