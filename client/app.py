@@ -16,6 +16,7 @@ from copra_core.learner import ClientLearner
 
 app = ClientApp()
 
+#: Keys the server adds to the run config in train messages (FedAvg adds server-round).
 ROUND_KEYS = ("server-round", "num-rounds")
 
 

@@ -33,9 +33,6 @@ log = logging.getLogger(__name__)
 #: Receives every finished round's metrics row (console display, tests).
 RoundObserver = Callable[[dict], None]
 
-#: Keys added to the train config next to the run config.
-ROUND_KEYS = ("server-round", "num-rounds")
-
 
 def log_round(row: dict) -> None:
     """Default observer: one log line per round (visible in ``flwr run --stream``)."""

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-AdapterState = dict[str, torch.Tensor]
+from copra_core.adapters import AdapterState
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from copra_core.adapters import LORA_A, LORA_B
 from strategies.base import AdapterState, AggregationRule, ClientUpdate
-
-LORA_A = ".lora_A.weight"
-LORA_B = ".lora_B.weight"
 
 
 class ProductSVD(AggregationRule):
