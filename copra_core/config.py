@@ -63,6 +63,10 @@ class LoraSettings:
         default="auto,pooler",
     )
     use_rslora: bool = _help("rsLoRA scaling alpha / sqrt(r).", default=False)
+    freeze_a: bool = _help(
+        "Keep every LoRA A at its shared initialisation and train only B (FFA-LoRA; the 'ffa' strategy sets it).",
+        default=False,
+    )
 
 
 @dataclass
@@ -143,7 +147,15 @@ class DiagnosticsSettings:
 
 @dataclass
 class StrategySettings:
-    name: str = _help("Aggregation rule: registry name or 'package.module:Class'.", default="linear")
+    name: str = _help(
+        "Aggregation rule: a built-in name (copra-fl strategies), an installed plug-in's name "
+        "(entry-point group copra_fl.strategies) or 'package.module:Class'.",
+        default="linear",
+    )
+    options: str = _help(
+        "The rule's options as 'name=value' pairs, comma-separated (e.g. 'trim-fraction=0.2').",
+        default="",
+    )
 
 
 @dataclass
@@ -193,7 +205,7 @@ class RunConfig:
                 raise ConfigError(f"Unknown config key '{key}'.{hint}")
             section, attr, typ = known[key]
             target = getattr(self, section) if section else self
-            setattr(target, attr, _convert(key, raw, typ))
+            setattr(target, attr, convert_value(key, raw, typ))
 
     def apply_overrides(self, pairs: list[str]) -> None:
         """Apply ``key=value`` strings (as given to ``--set``)."""
@@ -312,7 +324,7 @@ def _field_index() -> dict[str, tuple[str, str, type]]:
     return index
 
 
-def _convert(key: str, raw: Any, typ: type) -> Any:
+def convert_value(key: str, raw: Any, typ: type) -> Any:
     """Convert a raw value (CLI string or TOML scalar) to the field's type."""
     try:
         if typ is bool:

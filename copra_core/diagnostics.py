@@ -11,8 +11,10 @@ fixed server evaluation sample:
   ``max_alpha L(alpha theta_i + (1-alpha) theta_j) - (alpha L(theta_i) + (1-alpha) L(theta_j))``
   (Entezari et al. 2022, https://arxiv.org/abs/2110.06296) on a grid, in both spaces,
   plus the error-barrier variant (Frankle et al. 2020, https://arxiv.org/abs/1912.05671);
-* aggregation-exactness error
-  ``||sum w_k B_k A_k - (sum w_k B_k)(sum w_k A_k)||_F / ||sum w_k B_k A_k||_F``.
+* aggregation-exactness error of factor averaging
+  ``||sum w_k B_k A_k - (sum w_k B_k)(sum w_k A_k)||_F / ||sum w_k B_k A_k||_F``, and the
+  same error for the adapter the strategy actually produced (``aggregate_error``:
+  ``B_agg A_agg`` in place of the factor average), so every rule is measured alike.
 
 Non-LoRA weights (the task head) are linear in both spaces and are averaged alike.
 """
@@ -80,11 +82,15 @@ def exactness_error(states: Sequence[AdapterState], weights: Sequence[float]) ->
 
     Pooled over all LoRA modules: sqrt(sum_m ||E_m||^2) / sqrt(sum_m ||P_m||^2).
     """
-    avg = weighted_average(states, weights)
+    return aggregate_error(states, weights, weighted_average(states, weights))
+
+
+def aggregate_error(states: Sequence[AdapterState], weights: Sequence[float], aggregate: AdapterState) -> float:
+    """Relative Frobenius distance of ``aggregate``'s products from the exact product average."""
     exact = average_deltas([product_deltas(s) for s in states], weights)
     num = den = 0.0
     for module, target in exact.items():
-        approx = avg[module + LORA_B] @ avg[module + LORA_A]
+        approx = aggregate[module + LORA_B] @ aggregate[module + LORA_A]
         num += float(torch.linalg.matrix_norm(target - approx) ** 2)
         den += float(torch.linalg.matrix_norm(target) ** 2)
     return math.sqrt(num / den) if den > 0 else 0.0
@@ -153,6 +159,7 @@ def round_diagnostics(
         "barrier/jensen_aggregate": aggregate_res["loss"] - mean_loss,
         "barrier/merge_deficit": mean_metric - aggregate_res[metric],
         "aggregation/exactness_error": exactness_error(states, weights),
+        "aggregation/aggregate_error": aggregate_error(states, weights, aggregate),
     }
 
     curves: list[InterpolationCurve] = []

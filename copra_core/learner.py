@@ -131,6 +131,7 @@ class ClientLearner:
             weight_decay=cfg.train.weight_decay,
             lr_schedule=cfg.train.lr_schedule,
             head_lr=cfg.train.head_lr,
+            freeze_a=cfg.lora.freeze_a,
             device=bundle.device,
         )
         return get_adapter_state(bundle.model), metrics

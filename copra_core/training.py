@@ -52,13 +52,38 @@ def train_local(
     weight_decay: float,
     lr_schedule: str = "constant",
     head_lr: float = 0.0,
+    freeze_a: bool = False,
     device: torch.device,
 ) -> dict[str, float]:
     """Run ``schedule.local_steps`` AdamW steps with one CopRA block mask per step.
 
     A fresh optimizer per round, as in FedAvg: optimizer state is local and is not
-    federated.
+    federated. ``freeze_a`` leaves every LoRA A untouched (FFA-LoRA): no gradient, no
+    optimizer state, no weight decay.
     """
+    frozen = [p for n, p in model.named_parameters() if freeze_a and p.requires_grad and "lora_A" in n]
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        return _train_steps(model, task, batches, schedule, dropper, lr, weight_decay, lr_schedule, head_lr, device)
+    finally:
+        # The model is cached per process: the next run may train A again.
+        for param in frozen:
+            param.requires_grad_(True)
+
+
+def _train_steps(
+    model: nn.Module,
+    task: Task,
+    batches: Iterable[Batch],
+    schedule: RoundSchedule,
+    dropper: BlockDropper,
+    lr: float,
+    weight_decay: float,
+    lr_schedule: str,
+    head_lr: float,
+    device: torch.device,
+) -> dict[str, float]:
     lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     groups = [{"params": lora_params, "base_lr": lr}]

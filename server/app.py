@@ -64,6 +64,11 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> None:
 def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver] = (log_round,)) -> Path:
     """Run the federation described by ``config``; return the output folder."""
     config.validate()
+    rule = strategies.build(config.strategy.name, config.strategy.options)
+    if rule.client_overrides:
+        # e.g. FFA-LoRA freezes A on every client; the clients read the config sent below.
+        log.info("strategy %s sets %s", config.strategy.name, dict(rule.client_overrides))
+        config.update(dict(rule.client_overrides))
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.json", config.to_json())
@@ -72,7 +77,6 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
     task = bundle.task
     initial_state = bundle.initial_state()
     set_adapter_state(bundle.model, initial_state)  # the cached model may hold a previous run's adapter
-    rule = strategies.build(config.strategy.name)
     strategies.dry_run(rule, initial_state)  # a broken rule fails here, before round 1
 
     global_eval = ServerEvaluator(bundle, task.server_examples(config.data.eval_size), config.diagnostics.batch_size)

@@ -113,6 +113,7 @@ class AdapterFedAvg(FedAvg):
             raise StrategyContractError(
                 f"Strategy {type(self.rule).__name__} produced non-finite values in round {server_round}: {broken[:5]}"
             )
+        self.round_metrics.update({f"strategy/{k}": float(v) for k, v in self.rule.round_metrics().items()})
         # Send, local training, receive and aggregation: the part a bare training loop also has.
         self.round_metrics["time/train_s"] = time.perf_counter() - self.round_metrics["_t_start"]
         # Encode first: the diagnostics must score the adapter the clients will receive.

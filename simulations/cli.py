@@ -32,7 +32,12 @@ def simulate(
     partition: Annotated[str | None, typer.Option(help="iid | dirichlet | pathological (data.partition).")] = None,
     method: Annotated[str | None, typer.Option(help="copra | lora (copra.enabled).")] = None,
     strategy: Annotated[
-        str | None, typer.Option(help="Aggregation rule: registry name or package.module:Class.")
+        str | None,
+        typer.Option(help="Aggregation rule: a name from `copra-fl strategies` or package.module:Class."),
+    ] = None,
+    strategy_options: Annotated[
+        str | None,
+        typer.Option(help="The rule's options, 'name=value,...' (strategy.options), e.g. 'trim-fraction=0.2'."),
     ] = None,
     set_: Annotated[
         list[str] | None,
@@ -55,6 +60,8 @@ def simulate(
             overrides["data.partition"] = partition
         if strategy is not None:
             overrides["strategy.name"] = strategy
+        if strategy_options is not None:
+            overrides["strategy.options"] = strategy_options
         if method is not None:
             if method not in ("copra", "lora"):
                 raise ConfigError(f"--method must be copra or lora, got '{method}'")
@@ -103,6 +110,20 @@ def show_config(
             typer.echo(f"{key} = {toml_value(default)}")
         else:
             typer.echo(f"{key} = {default!r}\n    {text}")
+
+
+@app.command("strategies")
+def list_strategies() -> None:
+    """List the aggregation rules: built-in and installed plug-ins, with their options."""
+    import strategies
+    from strategies.registry import describe
+
+    for name in strategies.available():
+        try:
+            text = describe(strategies.resolve(name))
+        except Exception as err:  # a broken plug-in is listed with its error, not hidden
+            text = f"(cannot load: {err})"
+        typer.echo(f"{name}\n    {text}")
 
 
 def main() -> None:

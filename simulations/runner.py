@@ -32,7 +32,7 @@ def preflight(config: RunConfig) -> None:
     from copra_core.model_loading import resolve_model_path
 
     config.validate()
-    strategies.resolve(config.strategy.name)
+    strategies.build(config.strategy.name, config.strategy.options)
     spec = data.dataset_spec(config.data.dataset)
     data_dir = data.resolve_data_dir(config.data)
     for split in ("train", "eval"):

@@ -17,6 +17,17 @@ returns the new global adapter::
 Rules may keep state between rounds (server-side optimisers do); the server calls
 ``aggregate`` once per round. Everything Flower-specific (messages, sampling) stays in
 ``server/``: a rule is plain tensors in, tensors out, and can be tested as such.
+
+Optional parts of the contract:
+
+* **Options** are the keyword arguments of ``__init__`` (as Flower's strategies take
+  theirs). Give each a type hint and a default; the config key ``strategy.options``
+  (``"trim-fraction=0.2, seed=3"``) sets them, converted to the hinted type, and an
+  unknown or mistyped option is an error naming the key before round 1.
+* ``client_overrides``: run-config keys the rule needs on every client (FFA-LoRA freezes
+  A with ``lora.freeze-a = true``); the server applies them before round 1.
+* ``round_metrics()``: figures about the last aggregation (SVD truncation error, number
+  of clipped clients), written to each round's metrics under ``strategy/``.
 """
 
 from __future__ import annotations
@@ -46,10 +57,30 @@ class AggregationRule(ABC):
 
     #: Registry name; also shown in reports.
     name: ClassVar[str] = ""
+    #: Run-config keys every client must use with this rule (applied by the server).
+    client_overrides: ClassVar[Mapping[str, bool | int | float | str]] = {}
 
     @abstractmethod
     def aggregate(self, updates: Sequence[ClientUpdate], current: Mapping[str, torch.Tensor]) -> AdapterState:
         """Combine ``updates`` into the new global adapter."""
+
+    def round_metrics(self) -> dict[str, float]:
+        """Figures about the most recent ``aggregate`` call (reported as ``strategy/<key>``)."""
+        return {}
+
+
+def example_weights(updates: Sequence[ClientUpdate], rule: str) -> list[float]:
+    """``n_k / sum_j n_j``; an error naming the rule when the counts sum to zero."""
+    total = sum(u.num_examples for u in updates)
+    if total <= 0:
+        raise ValueError(f"{rule}: the updates' num-examples sum to zero")
+    return [u.num_examples / total for u in updates]
+
+
+def client_deltas(updates: Sequence[ClientUpdate], current: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    """The clients' changes of one tensor, stacked: ``(K, *shape)`` fp32."""
+    reference = current[key].to(torch.float32)
+    return torch.stack([u.state[key].to(torch.float32) - reference for u in updates])
 
 
 class StrategyContractError(TypeError):

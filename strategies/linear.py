@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -22,15 +22,16 @@ class LinearAveraging(AggregationRule):
 
     name = "linear"
 
-    def aggregate(self, updates: Sequence[ClientUpdate], current: Mapping[str, torch.Tensor]) -> AdapterState:
-        total = sum(u.num_examples for u in updates)
+    def aggregate(self, updates: Iterable[ClientUpdate], current: Mapping[str, torch.Tensor]) -> AdapterState:
+        """One pass over ``updates``: any iterable works, including a generator that
+        decodes client replies one at a time, so memory is one accumulator per tensor
+        whatever the number of clients (``benchmarks/aggregation.py`` measures it)."""
+        sums = {key: torch.zeros_like(reference, dtype=torch.float32) for key, reference in current.items()}
+        total = 0
+        for update in updates:
+            for key, acc in sums.items():
+                acc.add_(update.state[key].to(torch.float32), alpha=float(update.num_examples))
+            total += update.num_examples
         if total <= 0:
-            raise ValueError("linear: the updates' num-examples sum to zero")
-        out: AdapterState = {}
-        for key, reference in current.items():
-            # Streaming sum: one accumulator per tensor, whatever the number of clients.
-            acc = torch.zeros_like(reference, dtype=torch.float32)
-            for update in updates:
-                acc.add_(update.state[key].to(torch.float32), alpha=update.num_examples / total)
-            out[key] = acc.to(reference.dtype)
-        return out
+            raise ValueError(f"{self.name}: the updates' num-examples sum to zero")
+        return {key: acc.div_(total).to(current[key].dtype) for key, acc in sums.items()}

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from copra_core.adapters import LORA_A, LORA_B
-from strategies.base import AdapterState, AggregationRule, ClientUpdate
+from strategies.base import AdapterState, AggregationRule, ClientUpdate, example_weights
 
 
 class ProductSVD(AggregationRule):
@@ -29,10 +29,7 @@ class ProductSVD(AggregationRule):
         self.last_truncation_error = 0.0
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Mapping[str, torch.Tensor]) -> AdapterState:
-        total = sum(u.num_examples for u in updates)
-        if total <= 0:
-            raise ValueError("product_svd: the updates' num-examples sum to zero")
-        weights = [u.num_examples / total for u in updates]
+        weights = example_weights(updates, self.name)
         out: AdapterState = {}
         residual = energy = 0.0
         for key, reference in current.items():
@@ -56,3 +53,6 @@ class ProductSVD(AggregationRule):
             energy += float((s_vals**2).sum())
         self.last_truncation_error = (residual / energy) ** 0.5 if energy > 0 else 0.0
         return out
+
+    def round_metrics(self) -> dict[str, float]:
+        return {"truncation_error": self.last_truncation_error}

@@ -1,4 +1,15 @@
-"""Resolve a strategy name or ``package.module:Class`` path to a checked rule instance."""
+"""Resolve a strategy spec to a checked, configured rule instance.
+
+Three ways to name a rule, tried in this order:
+
+1. a built-in name (``BUILTIN``, one module per rule in this package);
+2. an installed plug-in: entry-point group ``copra_fl.strategies``, so a third-party
+   package that declares ``[project.entry-points."copra_fl.strategies"] my_rule =
+   "my_pkg.rules:MyRule"`` is usable as ``strategy.name = "my_rule"``;
+3. a dotted path ``package.module:Class`` (importable from the server process).
+
+Options come from ``strategy.options`` and are checked against ``__init__``'s signature.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +17,80 @@ import copy
 import difflib
 import importlib
 import inspect
+import typing
 from collections.abc import Mapping
+from importlib.metadata import entry_points
 
 import torch
 
+from copra_core.config import ConfigError, convert_value, split_csv
 from strategies.base import AggregationRule, ClientUpdate, StrategyContractError
+from strategies.dare import DareMerge
+from strategies.fedopt import FedAdamRule, FedYogiRule
+from strategies.ffa import FrozenAAveraging
 from strategies.linear import LinearAveraging
+from strategies.median import CoordinateMedian
+from strategies.norm_clip import NormClipAveraging
 from strategies.product_svd import ProductSVD
+from strategies.ties import TiesMerge
+from strategies.trimmed_mean import TrimmedMean
 
-BUILTIN: dict[str, type[AggregationRule]] = {rule.name: rule for rule in (LinearAveraging, ProductSVD)}
+BUILTIN: dict[str, type[AggregationRule]] = {
+    rule.name: rule
+    for rule in (
+        LinearAveraging,
+        FrozenAAveraging,
+        ProductSVD,
+        CoordinateMedian,
+        TrimmedMean,
+        NormClipAveraging,
+        TiesMerge,
+        DareMerge,
+        FedAdamRule,
+        FedYogiRule,
+    )
+}
+
+ENTRY_POINT_GROUP = "copra_fl.strategies"
+KEY = "strategy.name"
+
+
+def plugins() -> dict[str, object]:
+    """Installed plug-ins by name (entry points, not yet imported)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available() -> list[str]:
+    """Every name ``strategy.name`` accepts besides dotted paths."""
+    return sorted(set(BUILTIN) | set(plugins()))
 
 
 def resolve(spec: str) -> type[AggregationRule]:
-    """A registry name (``linear``) or a dotted path (``package.module:Class``) -> class."""
+    """A built-in or plug-in name, or a dotted path ``package.module:Class`` -> class."""
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
-            raise StrategyContractError(
-                f"Config key 'strategy.name': cannot import module '{module_name}' ({err})"
-            ) from err
+            raise StrategyContractError(f"Config key '{KEY}': cannot import module '{module_name}' ({err})") from err
         if not hasattr(module, attr):
-            raise StrategyContractError(f"Config key 'strategy.name': module '{module_name}' has no '{attr}'")
+            raise StrategyContractError(f"Config key '{KEY}': module '{module_name}' has no '{attr}'")
         cls = getattr(module, attr)
     elif spec in BUILTIN:
         cls = BUILTIN[spec]
+    elif spec in (installed := plugins()):
+        entry_point = installed[spec]
+        try:
+            cls = entry_point.load()
+        except Exception as err:  # a broken plug-in must name itself, whatever it raised
+            raise StrategyContractError(
+                f"Config key '{KEY}': plug-in '{spec}' ({entry_point.value}) failed to load: {err!r}"
+            ) from err
     else:
-        close = difflib.get_close_matches(spec, list(BUILTIN), n=3)
+        close = difflib.get_close_matches(spec, available(), n=3)
         hint = f" Did you mean {close}?" if close else ""
         raise StrategyContractError(
-            f"Config key 'strategy.name': unknown strategy '{spec}'. Known: {sorted(BUILTIN)}; "
+            f"Config key '{KEY}': unknown strategy '{spec}'. Known: {available()}; "
             f"or give 'package.module:Class'.{hint}"
         )
     check_class(cls, spec)
@@ -55,29 +109,76 @@ def check_class(cls: object, spec: str) -> None:
         raise StrategyContractError(f"Strategy '{spec}' does not implement {missing}")
 
 
-def build(spec: str) -> AggregationRule:
+def option_types(cls: type[AggregationRule]) -> dict[str, tuple[type, object]]:
+    """``__init__`` keyword options -> (type, default). Every option needs a default."""
+    hints = typing.get_type_hints(cls.__init__)
+    options: dict[str, tuple[type, object]] = {}
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.default is param.empty:
+            raise StrategyContractError(f"Strategy {cls.__qualname__}: option '{name}' needs a default value")
+        typ = hints.get(name, type(param.default))
+        if typ not in (bool, int, float, str):
+            raise StrategyContractError(
+                f"Strategy {cls.__qualname__}: option '{name}' must be typed bool, int, float or str, not {typ}"
+            )
+        options[name] = (typ, param.default)
+    return options
+
+
+def parse_options(cls: type[AggregationRule], text: str) -> dict[str, object]:
+    """``"trim-fraction=0.2, seed=3"`` -> ``{"trim_fraction": 0.2, "seed": 3}``, checked."""
+    known = option_types(cls)
+    parsed: dict[str, object] = {}
+    for item in split_csv(text):
+        name, sep, raw = item.partition("=")
+        attr = name.strip().replace("-", "_")
+        if not sep:
+            raise ConfigError(f"Config key 'strategy.options': '{item}' is not 'name=value'")
+        if attr not in known:
+            listed = sorted(n.replace("_", "-") for n in known) or "none"
+            raise ConfigError(
+                f"Config key 'strategy.options': strategy {cls.__qualname__} has no option '{name.strip()}' "
+                f"(its options: {listed})"
+            )
+        parsed[attr] = convert_value(f"strategy.options: {name.strip()}", raw.strip(), known[attr][0])
+    return parsed
+
+
+def build(spec: str, options: str = "") -> AggregationRule:
+    """Resolve ``spec`` and construct it with ``options``; every failure names its cause."""
+    cls = resolve(spec)
+    kwargs = parse_options(cls, options)
     try:
-        return resolve(spec)()
-    except TypeError as err:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
         if isinstance(err, StrategyContractError):
             raise
-        raise StrategyContractError(f"Strategy '{spec}' cannot be constructed without arguments: {err}") from err
+        raise ConfigError(f"Config key 'strategy.options': strategy '{spec}' rejected {kwargs}: {err}") from err
 
 
 def dry_run(rule: AggregationRule, template: Mapping[str, torch.Tensor]) -> None:
     """Check the rule's output contract before round 1, on a copy of the rule.
 
-    Two synthetic clients holding perturbed copies of the initial adapter; the output
-    must have the template's keys, shapes and dtypes and be finite.
+    Three synthetic clients holding perturbed copies of the initial adapter (three, so
+    robust rules that trim or take medians have something to do); the output must have
+    the template's keys, shapes and dtypes and be finite.
     """
     generator = torch.Generator().manual_seed(0)
+    frozen_a = rule.client_overrides.get("lora.freeze-a", False)
     updates = [
         ClientUpdate(
             node_id=i,
-            state={k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in template.items()},
+            state={
+                k: v
+                if frozen_a and k.endswith(".lora_A.weight")
+                else v + 0.01 * torch.randn(v.shape, generator=generator)
+                for k, v in template.items()
+            },
             num_examples=10 * (i + 1),
         )
-        for i in range(2)
+        for i in range(3)
     ]
     name = type(rule).__qualname__
     try:
@@ -98,3 +199,10 @@ def dry_run(rule: AggregationRule, template: Mapping[str, torch.Tensor]) -> None
             )
         if not torch.isfinite(value).all():
             raise StrategyContractError(f"Strategy {name} output '{key}' is not finite on a dry run")
+
+
+def describe(cls: type[AggregationRule]) -> str:
+    """First docstring line and options, for ``copra-fl strategies``."""
+    summary = (inspect.getdoc(cls) or "").split("\n", 1)[0]
+    opts = ", ".join(f"{n.replace('_', '-')}={d!r}" for n, (_, d) in option_types(cls).items())
+    return f"{summary}" + (f" Options: {opts}." if opts else "")
