@@ -5,7 +5,7 @@ Runs the same copra_core pieces the ClientApp and ServerApp use -- ClientLearner
 export and reload -- in one process, so it also runs where Flower's Ray engine is not
 installed (e.g. a bare GPU node). Prints per-round timings and accuracy as JSON lines.
 
-Usage: python benchmarks/device_check.py [--set key=value ...] [--out DIR]
+Usage: python -m benchmarks.device_check [--set key=value ...] [--out DIR]
 """
 
 from __future__ import annotations

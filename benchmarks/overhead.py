@@ -11,7 +11,7 @@ other in this process; the federation runs them through Flower's simulation engi
   of the global adapter on the dev set stays), and with everything on, same divisor, to
   show what the per-round barrier measurements cost.
 
-Usage: python benchmarks/overhead.py [--clients 4] [--steps 25] [--rounds 4] [--layers 0]
+Usage: python -m benchmarks.overhead [--clients 4] [--steps 25] [--rounds 4] [--layers 0]
 """
 
 from __future__ import annotations

@@ -85,27 +85,20 @@ class AdapterFedAvg(FedAvg):
         if not valid:
             return None, None
 
-        updates: list[ClientUpdate] = []
-        bytes_up = 0
-        for msg in valid:
-            record = msg.content.array_records[self.arrayrecord_key]
-            bytes_up += array_record_nbytes(record)
-            state = from_array_record(record)
-            node = msg.metadata.src_node_id
-            check_compatible(state, self.current, source=f"adapter from client node {node}")
-            metrics = dict(msg.content.metric_records["metrics"])
-            updates.append(
-                ClientUpdate(
-                    node_id=node,
-                    state=state,
-                    num_examples=int(metrics[self.weighted_by_key]),
-                    metrics=metrics,
-                )
-            )
-        updates.sort(key=lambda u: u.metrics.get("partition-id", u.node_id))
-        self.round_metrics["comm/bytes_up"] = bytes_up
-
-        new_state = self.rule.aggregate(updates, self.current)
+        # A fixed order (by partition), so aggregation and diagnostics are reproducible.
+        valid.sort(key=lambda m: m.content.metric_records["metrics"].get("partition-id", m.metadata.src_node_id))
+        self.round_metrics["comm/bytes_up"] = sum(
+            array_record_nbytes(m.content.array_records[self.arrayrecord_key]) for m in valid
+        )
+        decoded = (self._client_update(msg) for msg in valid)
+        if self.rule.single_pass and self.diagnostics is None:
+            # Decode, check and add one reply at a time: the aggregation's memory does not
+            # grow with the number of clients (benchmarks/aggregation.py).
+            updates: Sequence[ClientUpdate] = []
+            new_state = self.rule.aggregate(decoded, self.current)
+        else:
+            updates = list(decoded)  # the diagnostics compare every client with the aggregate
+            new_state = self.rule.aggregate(updates, self.current)
         check_compatible(new_state, self.current, source=f"output of strategy {type(self.rule).__name__}")
         broken = sorted(key for key, value in new_state.items() if not torch.isfinite(value).all())
         if broken:
@@ -129,6 +122,14 @@ class AdapterFedAvg(FedAvg):
             {f"train/{k}": v for k, v in train_metrics.items() if k not in ("num-examples", "partition-id")}
         )
         return arrays, train_metrics
+
+    def _client_update(self, msg: Message) -> ClientUpdate:
+        """Decode one reply and check it against the global adapter (naming the client)."""
+        state = from_array_record(msg.content.array_records[self.arrayrecord_key])
+        node = msg.metadata.src_node_id
+        check_compatible(state, self.current, source=f"adapter from client node {node}")
+        metrics = dict(msg.content.metric_records["metrics"])
+        return ClientUpdate(node_id=node, state=state, num_examples=int(metrics[self.weighted_by_key]), metrics=metrics)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = super().aggregate_evaluate(server_round, replies)

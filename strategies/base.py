@@ -57,6 +57,9 @@ class AggregationRule(ABC):
 
     #: Registry name; also shown in reports.
     name: ClassVar[str] = ""
+    #: True if ``aggregate`` reads ``updates`` exactly once, in order: the server may then
+    #: pass a generator that decodes one client reply at a time (diagnostics off).
+    single_pass: ClassVar[bool] = False
     #: Run-config keys every client must use with this rule (applied by the server).
     client_overrides: ClassVar[Mapping[str, bool | int | float | str]] = {}
 

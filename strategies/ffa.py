@@ -26,6 +26,7 @@ class FrozenAAveraging(LinearAveraging):
     """
 
     name = "ffa"
+    single_pass = False  # checks every client's A before averaging: two passes
     client_overrides: ClassVar[Mapping[str, bool | int | float | str]] = {"lora.freeze-a": True}
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Mapping[str, torch.Tensor]) -> AdapterState:

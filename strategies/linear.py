@@ -21,6 +21,7 @@ class LinearAveraging(AggregationRule):
     """
 
     name = "linear"
+    single_pass = True
 
     def aggregate(self, updates: Iterable[ClientUpdate], current: Mapping[str, torch.Tensor]) -> AdapterState:
         """One pass over ``updates``: any iterable works, including a generator that

@@ -66,7 +66,9 @@ def test_norm_clip_matches_numpy_and_bounds_every_client():
     norms = [np.sqrt(sum((d[k] ** 2).sum() for k in d)) for d in deltas]
     scales = [min(1.0, 1.5 / n) for n in norms]
     for key in current:
-        expected = current[key].double().numpy() + sum(wk * s * d[key] for wk, s, d in zip(w, scales, deltas))
+        expected = current[key].double().numpy() + sum(
+            wk * s * d[key] for wk, s, d in zip(w, scales, deltas, strict=True)
+        )
         np.testing.assert_allclose(out[key].numpy(), expected, rtol=1e-5, atol=1e-6)
     assert rule.round_metrics()["clipped_clients"] == sum(n > 1.5 for n in norms) > 0
     # Adaptive bound (max-norm = 0): the median norm.
@@ -144,7 +146,7 @@ def test_server_optimisers_match_the_papers_update(name):
         updates, _ = _setup(seed=10 + round_seed)
         w = _weights(updates)
         for key in current:
-            averages[key].append(sum(wk * u.state[key].double().numpy() for wk, u in zip(w, updates)))
+            averages[key].append(sum(wk * u.state[key].double().numpy() for wk, u in zip(w, updates, strict=True)))
         state = rule.aggregate(updates, state)
     for key in current:
         expected = _adam_numpy(current[key].double().numpy(), averages[key], 0.05, 0.9, 0.99, 0.01, name == "fedyogi")
