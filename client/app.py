@@ -11,6 +11,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from copra_core.adapters import from_array_record, to_array_record
+from copra_core.base_offset import RECORD_KEY as OFFSETS_KEY
 from copra_core.config import RunConfig
 from copra_core.learner import ClientLearner
 
@@ -28,11 +29,20 @@ def _learner(msg: Message, context: Context) -> tuple[ClientLearner, RunConfig, 
     return ClientLearner(config, partition_id, num_partitions), config, sent
 
 
+def _base_offset(msg: Message) -> dict:
+    """Base-weight offsets sent with the adapter (only by strategies that keep them)."""
+    records = msg.content.array_records
+    return from_array_record(records[OFFSETS_KEY]) if OFFSETS_KEY in records else {}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     learner, config, sent = _learner(msg, context)
     state = from_array_record(msg.content.array_records["arrays"])
-    new_state, metrics = learner.fit(state, int(sent["server-round"]), int(sent["num-rounds"]))
+    offsets = _base_offset(msg)
+    new_state, metrics = learner.fit(state, int(sent["server-round"]), int(sent["num-rounds"]), offsets)
+    if offsets:
+        metrics["base-crc32"] = learner.base_checksum()  # the server checks every client's base is the same
     reply = RecordDict(
         {
             "arrays": to_array_record(new_state, config.federation.transport_dtype),
@@ -52,6 +62,6 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     learner, _, _ = _learner(msg, context)
     state = from_array_record(msg.content.array_records["arrays"])
-    result = learner.evaluate(state)
+    result = learner.evaluate(state, _base_offset(msg))
     metrics = MetricRecord({**result, "num-examples": len(learner.val_examples)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -85,12 +85,23 @@ def exactness_error(states: Sequence[AdapterState], weights: Sequence[float]) ->
     return aggregate_error(states, weights, weighted_average(states, weights))
 
 
-def aggregate_error(states: Sequence[AdapterState], weights: Sequence[float], aggregate: AdapterState) -> float:
-    """Relative Frobenius distance of ``aggregate``'s products from the exact product average."""
+def aggregate_error(
+    states: Sequence[AdapterState],
+    weights: Sequence[float],
+    aggregate: AdapterState,
+    offset_change: Deltas | None = None,
+) -> float:
+    """Relative Frobenius distance of ``aggregate``'s products from the exact product average.
+
+    ``offset_change``: what the rule added to the frozen base this round (per module, in
+    ``B A`` units), which is part of the aggregate's update.
+    """
     exact = average_deltas([product_deltas(s) for s in states], weights)
     num = den = 0.0
     for module, target in exact.items():
         approx = aggregate[module + LORA_B] @ aggregate[module + LORA_A]
+        if offset_change and module in offset_change:
+            approx = approx + offset_change[module]
         num += float(torch.linalg.matrix_norm(target - approx) ** 2)
         den += float(torch.linalg.matrix_norm(target) ** 2)
     return math.sqrt(num / den) if den > 0 else 0.0
@@ -127,8 +138,13 @@ def round_diagnostics(
     grid: Sequence[float],
     num_pairs: int,
     seed: int,
+    offset_change: Deltas | None = None,
 ) -> tuple[dict[str, float], list[dict[str, float]], list[InterpolationCurve]]:
     """All per-round diagnostics; returns (flat metrics, per-client results, curves).
+
+    Everything is measured on the base the clients trained on. A rule that also moved the
+    base (``offset_change``) has its aggregate evaluated in product space as
+    ``B_agg A_agg + offset_change``, which is what the next round's base plus adapter computes.
 
     Cost: K + 3 evaluations, plus 2 per interior grid point per pair.
     """
@@ -140,12 +156,15 @@ def round_diagnostics(
 
     factor_avg = weighted_average(states, weights)
     factor_res = evaluator.factor(factor_avg)
-    if all(torch.equal(factor_avg[k], aggregate[k]) for k in factor_avg):
+    deltas = [product_deltas(s) for s in states]
+    dense = [dense_part(s) for s in states]
+    if offset_change:
+        moved = {m: d + offset_change[m] if m in offset_change else d for m, d in product_deltas(aggregate).items()}
+        aggregate_res = evaluator.product(moved, dense_part(aggregate))
+    elif all(torch.equal(factor_avg[k], aggregate[k]) for k in factor_avg):
         aggregate_res = factor_res  # the rule is linear averaging: no second evaluation
     else:
         aggregate_res = evaluator.factor(aggregate)
-    deltas = [product_deltas(s) for s in states]
-    dense = [dense_part(s) for s in states]
     product_res = evaluator.product(average_deltas(deltas, weights), weighted_average(dense, weights))
 
     metrics: dict[str, float] = {
@@ -159,7 +178,7 @@ def round_diagnostics(
         "barrier/jensen_aggregate": aggregate_res["loss"] - mean_loss,
         "barrier/merge_deficit": mean_metric - aggregate_res[metric],
         "aggregation/exactness_error": exactness_error(states, weights),
-        "aggregation/aggregate_error": aggregate_error(states, weights, aggregate),
+        "aggregation/aggregate_error": aggregate_error(states, weights, aggregate, offset_change),
     }
 
     curves: list[InterpolationCurve] = []

@@ -8,13 +8,14 @@ per partition. The adapter itself comes from the server every round.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 
 import torch
 from peft import PeftModel
 
 from copra_core.adapters import AdapterState, get_adapter_state, set_adapter_state
+from copra_core.base_offset import BaseOffsets
 from copra_core.config import RunConfig
 from copra_core.copra import BlockDropper
 from copra_core.device import resolve_device
@@ -51,6 +52,7 @@ class ModelBundle:
         base, new_modules = self.task.load_model()
         self.model: PeftModel = build_peft_model(base, config.lora, new_modules, config.seed).to(self.device)
         self.blocks = lora_layers_by_block(self.model)
+        self.base_offsets = BaseOffsets()
         # Kept apart from the model, whose adapter changes with every fit and evaluation:
         # a second run in the same process must start from the same seeded adapter.
         self._initial_state = get_adapter_state(self.model)
@@ -106,9 +108,17 @@ class ClientLearner:
             group_by_length=cfg.train.group_by_length,
         )
 
-    def fit(self, state: AdapterState, server_round: int, num_rounds: int) -> tuple[AdapterState, dict[str, float]]:
+    def fit(
+        self,
+        state: AdapterState,
+        server_round: int,
+        num_rounds: int,
+        base_offset: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[AdapterState, dict[str, float]]:
         cfg, bundle = self.config, self.bundle
         set_adapter_state(bundle.model, state)
+        # Always applied, also when empty: the cached model may hold another run's offsets.
+        bundle.base_offsets.apply(bundle.model, base_offset or {})
         # Dropout and LoRA-dropout draw from torch's global RNG: seed it per (client, round)
         # so a round's result does not depend on which process ran which client before.
         torch.manual_seed(_mix(cfg.seed, self.partition_id, server_round, 1))
@@ -136,11 +146,16 @@ class ClientLearner:
         )
         return get_adapter_state(bundle.model), metrics
 
-    def evaluate(self, state: AdapterState) -> dict[str, float]:
+    def evaluate(self, state: AdapterState, base_offset: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
         bundle = self.bundle
         set_adapter_state(bundle.model, state)
+        bundle.base_offsets.apply(bundle.model, base_offset or {})
         batches = bundle.task.eval_batches(self.val_examples, self.config.diagnostics.batch_size)
         return evaluate(bundle.model, bundle.task, batches, bundle.device)
+
+    def base_checksum(self) -> int:
+        """CRC32 of this process's offset base weights (equal on every client of a run)."""
+        return self.bundle.base_offsets.checksum(self.bundle.model)
 
 
 def _mix(*values: int) -> int:

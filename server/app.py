@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 import strategies
 from copra_core.adapters import AdapterState, export_adapter, set_adapter_state
+from copra_core.base_offset import save_offsets
 from copra_core.config import RunConfig
 from copra_core.diagnostics import round_diagnostics
 from copra_core.evaluator import ServerEvaluator
@@ -77,6 +78,7 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
     task = bundle.task
     initial_state = bundle.initial_state()
     set_adapter_state(bundle.model, initial_state)  # the cached model may hold a previous run's adapter
+    bundle.base_offsets.apply(bundle.model, {})  # ... and a previous run's base offsets
     strategies.dry_run(rule, initial_state)  # a broken rule fails here, before round 1
 
     global_eval = ServerEvaluator(bundle, task.server_examples(config.data.eval_size), config.diagnostics.batch_size)
@@ -85,7 +87,9 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
     )
     grid_alphas = config.interpolation_grid()
 
-    def diagnostics(server_round: int, updates: Sequence[ClientUpdate], aggregate: AdapterState) -> dict:
+    def diagnostics(
+        server_round: int, updates: Sequence[ClientUpdate], aggregate: AdapterState, offset_change: AdapterState
+    ) -> dict:
         metrics, clients, curves = round_diagnostics(
             [u.state for u in updates],
             [u.num_examples for u in updates],
@@ -94,6 +98,7 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
             grid=grid_alphas,
             num_pairs=config.diagnostics.pairs,
             seed=config.seed * 10_007 + server_round,
+            offset_change=offset_change,
         )
         metrics["clients"] = [
             {"partition-id": int(u.metrics.get("partition-id", -1)), "num-examples": u.num_examples, **c}
@@ -107,6 +112,7 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
         initial_state=initial_state,
         transport_dtype=config.federation.transport_dtype,
         diagnostics=diagnostics if config.diagnostics.enabled else None,
+        on_base_offset=lambda offsets: bundle.base_offsets.apply(bundle.model, offsets),
         fraction_train=config.federation.fraction_train,
         fraction_evaluate=config.federation.fraction_evaluate,
         min_train_nodes=config.federation.min_train_nodes,
@@ -140,6 +146,10 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
     )
 
     export_adapter(bundle.model, strategy.current, out_dir / "adapter")
+    if strategy.offsets:
+        # The adapter alone on the original base is not the evaluated model: ship the base
+        # offsets next to it (docs/strategies.md shows how to apply them).
+        save_offsets(strategy.offsets, out_dir / "base_offset.safetensors")
     write_report(
         out_dir,
         metrics_log.rows,

@@ -24,12 +24,15 @@ from copra_core.adapters import (
     from_array_record,
     to_array_record,
 )
+from copra_core.base_offset import RECORD_KEY as OFFSETS_KEY
+from copra_core.base_offset import module_of
 from strategies.base import AggregationRule, ClientUpdate, StrategyContractError
 
 log = logging.getLogger(__name__)
 
-#: Called after aggregation with (round, updates, new global adapter); returns metrics.
-DiagnosticsHook = Callable[[int, Sequence[ClientUpdate], AdapterState], dict]
+#: Called after aggregation with (round, updates, new global adapter, change of the base
+#: offsets this round keyed by module); returns metrics.
+DiagnosticsHook = Callable[[int, Sequence[ClientUpdate], AdapterState, AdapterState], dict]
 
 
 class AdapterFedAvg(FedAvg):
@@ -45,6 +48,8 @@ class AdapterFedAvg(FedAvg):
         Dtype of adapters on the wire (``float32`` or ``float16``).
     diagnostics : DiagnosticsHook, optional
         Barrier diagnostics, run on every aggregation.
+    on_base_offset : callable, optional
+        Applies the rule's new base offsets to the server's own model after a round.
     **fedavg_kwargs
         Passed to Flower's ``FedAvg`` (sampling fractions and minimum node counts).
     """
@@ -55,12 +60,16 @@ class AdapterFedAvg(FedAvg):
         initial_state: AdapterState,
         transport_dtype: str = "float32",
         diagnostics: DiagnosticsHook | None = None,
+        on_base_offset: Callable[[AdapterState], None] | None = None,
         **fedavg_kwargs: float | int,
     ) -> None:
         super().__init__(**fedavg_kwargs)
         self.rule = rule
         self.transport_dtype = transport_dtype
         self.diagnostics = diagnostics
+        self.on_base_offset = on_base_offset
+        #: Base offsets every client currently applies (always fp32 on the wire: part of the base).
+        self.offsets: AdapterState = {}
         # What the clients receive, decoded: the reference every reply is checked against.
         self.current: AdapterState = from_array_record(to_array_record(initial_state, transport_dtype))
         self.round_metrics: dict = {}
@@ -72,9 +81,29 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.round_metrics = {"_t_start": time.perf_counter()}
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.round_metrics["comm/bytes_down"] = array_record_nbytes(arrays) * len(messages)
+        messages = self._with_offsets(super().configure_train(server_round, arrays, config, grid))
+        per_client = (
+            array_record_nbytes(arrays)
+            + sum(array_record_nbytes(r) for k, r in messages[0].content.array_records.items() if k == OFFSETS_KEY)
+            if messages
+            else 0
+        )
+        self.round_metrics["comm/bytes_down"] = per_client * len(messages)
         self.round_metrics["clients/sampled"] = len(messages)
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._with_offsets(super().configure_evaluate(server_round, arrays, config, grid))
+
+    def _with_offsets(self, messages: Iterable[Message]) -> list[Message]:
+        """Attach the current base offsets (if the rule keeps any) to every message."""
+        messages = list(messages)
+        if self.offsets:
+            record = to_array_record(self.offsets, "float32")
+            for message in messages:
+                message.content[OFFSETS_KEY] = record
         return messages
 
     def aggregate_train(
@@ -107,6 +136,11 @@ class AdapterFedAvg(FedAvg):
                 f"Strategy {type(self.rule).__name__} produced non-finite values in round {server_round}: {broken[:5]}"
             )
         self.round_metrics.update({f"strategy/{k}": float(v) for k, v in self.rule.round_metrics().items()})
+        self._check_client_bases(valid)
+        new_offsets = from_array_record(to_array_record(self.rule.base_offset(), "float32"))
+        offset_change = {
+            module_of(key): value - self.offsets.get(key, torch.zeros_like(value)) for key, value in new_offsets.items()
+        }
         # Send, local training, receive and aggregation: the part a bare training loop also has.
         self.round_metrics["time/train_s"] = time.perf_counter() - self.round_metrics["_t_start"]
         # Encode first: the diagnostics must score the adapter the clients will receive.
@@ -114,14 +148,31 @@ class AdapterFedAvg(FedAvg):
         self.current = from_array_record(arrays)
         if self.diagnostics is not None:
             started = time.perf_counter()
-            self.round_metrics.update(self.diagnostics(server_round, updates, self.current))
+            self.round_metrics.update(self.diagnostics(server_round, updates, self.current, offset_change))
             self.round_metrics["time/diagnostics_s"] = time.perf_counter() - started
+        if new_offsets or self.offsets:
+            self.offsets = new_offsets
+            if self.on_base_offset is not None:
+                self.on_base_offset(self.offsets)
 
         train_metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         self.round_metrics.update(
             {f"train/{k}": v for k, v in train_metrics.items() if k not in ("num-examples", "partition-id")}
         )
         return arrays, train_metrics
+
+    def _check_client_bases(self, replies: Sequence[Message]) -> None:
+        """Clients with base offsets report a checksum of their base: all must be equal."""
+        sums = {
+            m.metadata.src_node_id: m.content.metric_records["metrics"]["base-crc32"]
+            for m in replies
+            if "base-crc32" in m.content.metric_records["metrics"]
+        }
+        if not sums:
+            return
+        self.round_metrics["clients/distinct_bases"] = len(set(sums.values()))
+        if len(set(sums.values())) > 1:
+            raise RuntimeError(f"clients trained on different base weights (CRC32 per node: {sums})")
 
     def _client_update(self, msg: Message) -> ClientUpdate:
         """Decode one reply and check it against the global adapter (naming the client)."""

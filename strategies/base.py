@@ -28,6 +28,9 @@ Optional parts of the contract:
   A with ``lora.freeze-a = true``); the server applies them before round 1.
 * ``round_metrics()``: figures about the last aggregation (SVD truncation error, number
   of clipped clients), written to each round's metrics under ``strategy/``.
+* ``base_offset()``: offsets of the frozen base weights the rule maintains (FedEx-LoRA's
+  residual; ``copra_core/base_offset.py``). The server sends them with every message,
+  every client applies them, and the diagnostics count them as part of the aggregate.
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ class AggregationRule(ABC):
 
     def round_metrics(self) -> dict[str, float]:
         """Figures about the most recent ``aggregate`` call (reported as ``strategy/<key>``)."""
+        return {}
+
+    def base_offset(self) -> Mapping[str, torch.Tensor]:
+        """Cumulative base-weight offsets, ``<module>.base_offset`` -> d_out x d_in (none by default)."""
         return {}
 
 

@@ -32,6 +32,7 @@ from strategies.linear import LinearAveraging
 from strategies.median import CoordinateMedian
 from strategies.norm_clip import NormClipAveraging
 from strategies.product_svd import ProductSVD
+from strategies.residual import ResidualFold
 from strategies.ties import TiesMerge
 from strategies.trimmed_mean import TrimmedMean
 
@@ -41,6 +42,7 @@ BUILTIN: dict[str, type[AggregationRule]] = {
         LinearAveraging,
         FrozenAAveraging,
         ProductSVD,
+        ResidualFold,
         CoordinateMedian,
         TrimmedMean,
         NormClipAveraging,

@@ -1,6 +1,7 @@
 """Model loading and LoRA wiring on the real default model (2 blocks)."""
 
 import pytest
+import torch
 
 from copra_core.config import ConfigError, LoraSettings
 from copra_core.lora import build_peft_model, find_block_list, lora_layers_by_block
@@ -76,3 +77,34 @@ def test_initial_state_survives_training_in_the_cached_model(bundle):
     after = bundle.initial_state()
     set_adapter_state(bundle.model, before)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_base_offsets_are_applied_to_the_original_weights_and_restored_bit_for_bit(bundle, tmp_path):
+    from copra_core.adapters import lora_modules
+    from copra_core.base_offset import SUFFIX, BaseOffsets, apply_saved_offsets, save_offsets
+
+    model = bundle.model
+    module = lora_modules(bundle.initial_state())[0]
+    layer = model.get_submodule(module)
+    weight = layer.get_base_layer().weight
+    original = weight.detach().clone()
+    offset = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+    offsets = BaseOffsets()
+    try:
+        offsets.apply(model, {module + SUFFIX: offset})
+        expected = original + layer.scaling["default"] * offset
+        assert torch.equal(weight, expected)
+        first = offsets.checksum(model)
+        offsets.apply(model, {module + SUFFIX: offset})  # re-applied, never accumulated
+        assert torch.equal(weight, expected) and offsets.checksum(model) == first
+        # A second holder (another client) applying the saved offsets gets the same bytes.
+        path = save_offsets({module + SUFFIX: offset}, tmp_path / "base_offset.safetensors")
+        offsets.apply(model, {})
+        assert torch.equal(weight, original)
+        apply_saved_offsets(model, path)
+        assert torch.equal(weight, expected)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    with pytest.raises(KeyError, match=r"does not end with '\.base_offset'"):
+        BaseOffsets().apply(model, {module: offset})

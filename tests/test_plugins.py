@@ -24,6 +24,7 @@ from copra_core.config import ConfigError
 from strategies.base import ClientUpdate, StrategyContractError
 from strategies.linear import LinearAveraging
 from tests.processes import FLOWER_AND_RAY, alive, leftovers, pgrep
+from tests.test_simulation import exported_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "custom_strategy"
@@ -166,6 +167,14 @@ def test_every_rule_and_plugin_path_runs_through_flower(tmp_path):
             assert config["lora"]["freeze_a"] is True
             assert all(r["aggregation/aggregate_error"] < 1e-5 for r in rows[1:])
             assert all(r["aggregation/exactness_error"] < 1e-5 for r in rows[1:])
+        if spec == "residual":
+            # Exact in product space once the base offset is counted; every client had the same base;
+            # the exported adapter plus base_offset.safetensors is the evaluated model.
+            assert all(r["aggregation/aggregate_error"] < 1e-5 for r in rows[1:])
+            assert all(r["aggregation/exactness_error"] > 1e-3 for r in rows[1:])  # factor averaging alone is not
+            assert [r.get("clients/distinct_bases") for r in rows[1:]] == [None, 1]  # round 1: no offset yet
+            assert rows[2]["comm/bytes_down"] > 3 * rows[1]["comm/bytes_down"]  # the offset travels
+            assert exported_accuracy(run) == pytest.approx(rows[-1]["global/accuracy"], abs=1e-12)
         if spec == "product_svd":
             assert all(0 <= r["strategy/truncation_error"] < 1 for r in rows[1:])
             assert all(r["aggregation/aggregate_error"] < r["aggregation/exactness_error"] for r in rows[1:])

@@ -188,3 +188,27 @@ def test_every_builtin_passes_the_dry_run_and_keeps_dtypes(name):
     out = rule.aggregate(updates, current)
     assert {k: (v.shape, v.dtype) for k, v in out.items()} == {k: (v.shape, v.dtype) for k, v in current.items()}
     assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_residual_folds_exactly_what_factor_averaging_misses_and_accumulates():
+    rule = strategies.build("residual")
+    offsets_before = {}
+    for round_seed in range(2):
+        updates, current = _setup(num=4, seed=20 + round_seed)
+        out = rule.aggregate(updates, current)
+        weights = normalised_weights([u.num_examples for u in updates])
+        linear = strategies.build("linear").aggregate(updates, current)
+        for key in current:
+            torch.testing.assert_close(out[key], linear[key])  # the adapter is the linear average
+        offsets = {k: v.double().numpy() for k, v in rule.base_offset().items()}
+        change = offsets["m.base_offset"] - offsets_before.get("m.base_offset", 0.0)
+        exact = sum(
+            w * u.state["m.lora_B.weight"].double().numpy() @ u.state["m.lora_A.weight"].double().numpy()
+            for w, u in zip(weights, updates, strict=True)
+        )
+        folded = out["m.lora_B.weight"].double().numpy() @ out["m.lora_A.weight"].double().numpy() + change
+        np.testing.assert_allclose(folded, exact, rtol=1e-5, atol=1e-6)
+        states = [u.state for u in updates]
+        assert aggregate_error(states, weights, out, {"m": torch.from_numpy(change)}) < 1e-6
+        assert aggregate_error(states, weights, out) > 1e-2  # without the fold it is not exact
+        offsets_before = offsets

@@ -82,12 +82,23 @@ def test_quick_run_beats_chance(quick_run):
 
 def test_exported_adapter_reproduces_the_run(quick_run):
     """PeftModel.from_pretrained on the base model gives the run's final accuracy exactly."""
+    flat_rows = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
+    assert not (quick_run / "base_offset.safetensors").exists()  # linear keeps the base as it is
+    assert exported_accuracy(quick_run) == pytest.approx(flat_rows[-1]["global/accuracy"], abs=1e-12)
+
+
+def exported_accuracy(run_dir: Path) -> float:
+    """Accuracy of the run's exported adapter, loaded the way a user would, on the run's eval set.
+
+    With ``base_offset.safetensors`` present (strategies that move the base) it is applied
+    as docs/strategies.md says.
+    """
+    from copra_core.base_offset import apply_saved_offsets
     from copra_core.config import RunConfig
     from copra_core.tasks import build_task
 
-    flat_rows = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
     config = RunConfig()
-    nested = json.loads((quick_run / "config.json").read_text())
+    nested = json.loads((run_dir / "config.json").read_text())
     for section, values in nested.items():
         if isinstance(values, dict):
             for key, value in values.items():
@@ -96,14 +107,16 @@ def test_exported_adapter_reproduces_the_run(quick_run):
             setattr(config, section, values)
     task = build_task(config)
     base, _ = task.load_model()
-    model = PeftModel.from_pretrained(base, str(quick_run / "adapter")).eval()
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    if (run_dir / "base_offset.safetensors").exists():
+        apply_saved_offsets(model, run_dir / "base_offset.safetensors")
     examples = task.server_examples(config.data.eval_size)
     correct = 0
     with torch.no_grad():
         for batch in task.eval_batches(examples, 64):
             labels = batch.pop("labels")
             correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    assert correct / len(examples) == pytest.approx(flat_rows[-1]["global/accuracy"], abs=1e-12)
+    return correct / len(examples)
 
 
 FAULTY_CLIENT = textwrap.dedent(
