@@ -66,6 +66,19 @@ def test_entry_point_plugin_is_found_by_name(installed_example):
         strategies.build("geometric_median", "rounds=3")
 
 
+def test_cli_lists_builtins_and_plugins_with_their_options(installed_example):
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    result = CliRunner().invoke(app, ["strategies"])
+    assert result.exit_code == 0, result.output
+    for name in [*strategies.BUILTIN, "geometric_median"]:
+        assert f"\n{name}\n" in f"\n{result.output}", name
+    assert "Options: trim-fraction=0.2." in result.output
+    assert "Options: iterations=4, eps=1e-06." in result.output
+
+
 def test_broken_plugin_names_itself(tmp_path, monkeypatch):
     site = tmp_path / "site"
     _install_dist_info(site, "[copra_fl.strategies]\nbroken = no_such_package.rules:Rule\n")
@@ -151,37 +164,46 @@ def test_every_rule_and_plugin_path_runs_through_flower(tmp_path):
         text=True,
         timeout=1200,
     )
-    assert not leftovers(lambda: {p for p in pgrep(FLOWER_AND_RAY) - before if alive(p)})
+    leaked = leftovers(lambda: {p for p in pgrep(FLOWER_AND_RAY) - before if alive(p)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     for spec, _, _ in specs:
-        run = tmp_path / "runs" / spec.replace(":", "_")
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rows] == [0, 1, 2], spec
-        config = json.loads((run / "config.json").read_text())
-        assert config["strategy"]["name"] == spec
-        for row in rows[1:]:
-            assert np.isfinite(row["global/accuracy"]) and np.isfinite(row["barrier/jensen_aggregate"]), spec
-            assert row["aggregation/aggregate_error"] >= 0, spec
-        if spec == "ffa":
-            # Clients really froze A: the aggregate is exact and config.json says why.
-            assert config["lora"]["freeze_a"] is True
-            assert all(r["aggregation/aggregate_error"] < 1e-5 for r in rows[1:])
-            assert all(r["aggregation/exactness_error"] < 1e-5 for r in rows[1:])
-        if spec == "residual":
-            # Exact in product space once the base offset is counted; every client had the same base;
-            # the exported adapter plus base_offset.safetensors is the evaluated model.
-            assert all(r["aggregation/aggregate_error"] < 1e-5 for r in rows[1:])
-            assert all(r["aggregation/exactness_error"] > 1e-3 for r in rows[1:])  # factor averaging alone is not
-            assert [r.get("clients/distinct_bases") for r in rows[1:]] == [None, 1]  # round 1: no offset yet
-            assert rows[2]["comm/bytes_down"] > 3 * rows[1]["comm/bytes_down"]  # the offset travels
-            assert exported_accuracy(run) == pytest.approx(rows[-1]["global/accuracy"], abs=1e-12)
-        if spec == "product_svd":
-            assert all(0 <= r["strategy/truncation_error"] < 1 for r in rows[1:])
-            assert all(r["aggregation/aggregate_error"] < r["aggregation/exactness_error"] for r in rows[1:])
-        if spec == "linear":
-            assert all(
-                r["aggregation/aggregate_error"] == pytest.approx(r["aggregation/exactness_error"], rel=1e-4)
-                for r in rows[1:]
-            )
-        if "geometric_median" in spec.lower():
-            assert all(r["strategy/max_over_median_distance"] >= 1 for r in rows[1:])
+        check_run(tmp_path / "runs" / spec.replace(":", "_"), spec)
+    assert not leaked, f"processes left running: {leaked}"
+
+
+def check_run(run: Path, spec: str) -> None:
+    """What every rule's run must show, and what is particular to some rules."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2], spec
+    config = json.loads((run / "config.json").read_text())
+    assert config["strategy"]["name"] == spec
+    if spec.endswith("RecordsInputKind"):
+        # Diagnostics off and a single-pass rule: the server streamed the replies.
+        assert all(r["strategy/streamed"] == 1.0 and r["strategy/clients"] == 3 for r in rows[1:])
+        return
+    for row in rows[1:]:
+        assert np.isfinite(row["global/accuracy"]) and np.isfinite(row["barrier/jensen_aggregate"]), spec
+        assert row["aggregation/aggregate_error"] >= 0, spec
+    if spec == "ffa":
+        # Clients really froze A: the aggregate is exact and config.json says why.
+        assert config["lora"]["freeze_a"] is True
+        assert all(r["aggregation/aggregate_error"] < 1e-5 for r in rows[1:])
+        assert all(r["aggregation/exactness_error"] < 1e-5 for r in rows[1:])
+    if spec == "residual":
+        # Exact in product space once the base offset is counted; every client had the same base;
+        # the exported adapter plus base_offset.safetensors is the evaluated model.
+        assert all(r["aggregation/aggregate_error"] < 1e-5 for r in rows[1:])
+        assert all(r["aggregation/exactness_error"] > 1e-3 for r in rows[1:])  # factor averaging alone is not
+        assert [r.get("clients/distinct_bases") for r in rows[1:]] == [None, 1]  # round 1: no offset yet
+        assert rows[2]["comm/bytes_down"] > 3 * rows[1]["comm/bytes_down"]  # the offset travels
+        assert exported_accuracy(run) == pytest.approx(rows[-1]["global/accuracy"], abs=1e-12)
+    if spec == "product_svd":
+        assert all(0 <= r["strategy/truncation_error"] < 1 for r in rows[1:])
+        assert all(r["aggregation/aggregate_error"] < r["aggregation/exactness_error"] for r in rows[1:])
+    if spec == "linear":
+        assert all(
+            r["aggregation/aggregate_error"] == pytest.approx(r["aggregation/exactness_error"], rel=1e-4)
+            for r in rows[1:]
+        )
+    if "geometric_median" in spec.lower():
+        assert all(r["strategy/max_over_median_distance"] >= 1 for r in rows[1:])
