@@ -83,8 +83,9 @@ def run_one(rule: str, method: str, seed: int, overrides: dict[str, object], raw
     return result
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value: no spread was measured)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def summarise(results: list[dict], rules: list[str], methods: list[str]) -> dict:
@@ -130,15 +131,17 @@ def plot(results: list[dict], rules: list[str], methods: list[str], path: Path) 
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize=7, ncol=2)
+    axes[0][0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def write_markdown(summary: dict, command: str, overrides: dict, seeds: list[int], path: Path) -> None:
-    def pm(pair: tuple[float, float] | None, digits: int = 3) -> str:
-        return "n/a" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+    def pm(pair: tuple[float, float | None] | None, digits: int = 3) -> str:
+        if pair is None:
+            return "n/a"
+        return f"{pair[0]:.{digits}f}" + ("" if pair[1] is None else f" ± {pair[1]:.{digits}f}")
 
     setting = {**SETTING, **overrides}
     lines = [
@@ -146,17 +149,18 @@ def write_markdown(summary: dict, command: str, overrides: dict, seeds: list[int
         "",
         f"Command: `{command}`",
         "",
-        "Setting (RunConfig keys): " + ", ".join(f"`{k}={v}`" for k, v in setting.items()),
-        f"; seeds {seeds}. Every rule sees the same partitions, initial adapter and local steps.",
+        "Setting (RunConfig keys; the rest are the defaults): "
+        + ", ".join(f"`{k}={v}`" for k, v in setting.items())
+        + f"; seeds {seeds}. Every rule sees the same partitions, initial adapter and local steps.",
         "",
-        "| method | rule | final accuracy | rounds to 95 % of linear | aggregate error | Jensen gap (aggregate) "
-        "| s/run |",
-        "|---|---|---|---|---|---|---|",
+        "| method | rule | seeds | final accuracy | rounds to 95 % of linear | aggregate error "
+        "| Jensen gap (aggregate) | s/run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for item in summary.values():
         reached = f" ({item['reached_95']}/{item['seeds']} reached)" if item["reached_95"] < item["seeds"] else ""
         lines.append(
-            f"| {item['method']} | {item['rule']} | {pm(item['final_accuracy'])} | "
+            f"| {item['method']} | {item['rule']} | {item['seeds']} | {pm(item['final_accuracy'])} | "
             f"{pm(item['rounds_to_95'], 1)}{reached} | {item['aggregate_error']:.4f} | "
             f"{item['jensen_aggregate']:+.4f} | {item['seconds']:.0f} |"
         )
@@ -175,6 +179,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds.")
     parser.add_argument("--quick", action="store_true", help="4 clients, 3 rounds, 20 steps (a few minutes).")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="Output folder.")
+    parser.add_argument(
+        "--report-only", action="store_true", help="Only summarise the runs already cached (run nothing new)."
+    )
     args = parser.parse_args()
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -186,6 +193,8 @@ def main() -> None:
     for seed in seeds:
         for method in methods:
             for rule in rules:
+                if args.report_only and not (raw_dir / f"{method}-{rule}-seed{seed}.json").exists():
+                    continue
                 result = run_one(rule, method, seed, overrides, raw_dir)
                 final = result["rows"][-1]["global/accuracy"]
                 print(
@@ -194,6 +203,8 @@ def main() -> None:
                 results.append(result)
     summary = summarise(results, rules, methods)
     command = "python -m benchmarks.strategies" + (" --quick" if args.quick else "")
+    if args.seeds != "0,1,2":
+        command += f" --seeds {args.seeds}"
     atomic_write_text(args.out / f"{name}.json", json.dumps(summary, indent=1))
     plot(results, rules, methods, args.out / f"{name}_accuracy.png")
     write_markdown(summary, command, overrides, seeds, args.out / f"{name}.md")
