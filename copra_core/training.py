@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,64 +62,58 @@ def train_local(
     federated. ``freeze_a`` leaves every LoRA A untouched (FFA-LoRA): no gradient, no
     optimizer state, no weight decay.
     """
-    frozen = [p for n, p in model.named_parameters() if freeze_a and p.requires_grad and "lora_A" in n]
+    with _lora_a_frozen(model, freeze_a):
+        lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+        other_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+        groups = [{"params": lora_params, "base_lr": lr}]
+        if other_params:
+            groups.append({"params": other_params, "base_lr": head_lr or lr})
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        model.train()
+        loss_sum, active_sum, p_first, p_last, steps = 0.0, 0.0, 0.0, 0.0, 0
+        try:
+            for step, batch in enumerate(batches):
+                progress = schedule.progress(step)
+                p, mask = dropper.step(progress)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * lr_factor(lr_schedule, progress)
+                p_first = p if step == 0 else p_first
+                p_last = p
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss, _ = task.batch_stats(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach())
+                active_sum += float(mask.float().mean())
+                steps += 1
+        finally:
+            dropper.step_all_active()
+        if steps == 0:
+            raise ValueError("No training batches: the client's partition is empty.")
+        return {
+            "train_loss": loss_sum / steps,
+            "active_fraction": active_sum / steps,
+            "p_start": p_first,
+            "p_end": p_last,
+            "steps": float(steps),
+        }
+
+
+@contextlib.contextmanager
+def _lora_a_frozen(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Switch off gradients of every LoRA A for the block (FFA-LoRA), restoring them after.
+
+    Restored because the model is cached per process: the next run may train A again.
+    """
+    frozen = [p for n, p in model.named_parameters() if enabled and p.requires_grad and "lora_A" in n]
     for param in frozen:
         param.requires_grad_(False)
     try:
-        return _train_steps(model, task, batches, schedule, dropper, lr, weight_decay, lr_schedule, head_lr, device)
+        yield
     finally:
-        # The model is cached per process: the next run may train A again.
         for param in frozen:
             param.requires_grad_(True)
-
-
-def _train_steps(
-    model: nn.Module,
-    task: Task,
-    batches: Iterable[Batch],
-    schedule: RoundSchedule,
-    dropper: BlockDropper,
-    lr: float,
-    weight_decay: float,
-    lr_schedule: str,
-    head_lr: float,
-    device: torch.device,
-) -> dict[str, float]:
-    lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    other_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    groups = [{"params": lora_params, "base_lr": lr}]
-    if other_params:
-        groups.append({"params": other_params, "base_lr": head_lr or lr})
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    model.train()
-    loss_sum, active_sum, p_first, p_last, steps = 0.0, 0.0, 0.0, 0.0, 0
-    try:
-        for step, batch in enumerate(batches):
-            progress = schedule.progress(step)
-            p, mask = dropper.step(progress)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(lr_schedule, progress)
-            p_first = p if step == 0 else p_first
-            p_last = p
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss, _ = task.batch_stats(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach())
-            active_sum += float(mask.float().mean())
-            steps += 1
-    finally:
-        dropper.step_all_active()
-    if steps == 0:
-        raise ValueError("No training batches: the client's partition is empty.")
-    return {
-        "train_loss": loss_sum / steps,
-        "active_fraction": active_sum / steps,
-        "p_start": p_first,
-        "p_end": p_last,
-        "steps": float(steps),
-    }
 
 
 @torch.no_grad()

@@ -119,3 +119,29 @@ def test_dropped_block_factors_are_not_updated(bundle):
         if "lora_" in key:
             same = torch.equal(before[key], after[key])
             assert same == ("layer.0." in key), key
+
+
+def test_freeze_a_trains_b_only_and_restores_requires_grad(bundle):
+    """FFA-LoRA's local side: every A bit for bit unchanged, B moved, A trainable again after."""
+    model = bundle.model
+    before = get_adapter_state(model)
+    dropper = BlockDropper(bundle.blocks, enabled=False, p0=1.0, full_at=0.75, seed=0)
+    batches = bundle.task.train_batches(bundle.task.server_examples(32), 8, 3, seed=0, offset=0)
+    train_local(
+        model,
+        bundle.task,
+        batches,
+        schedule=RoundSchedule(1, 1, 3),
+        dropper=dropper,
+        lr=1e-2,
+        weight_decay=0.1,
+        freeze_a=True,
+        device=bundle.device,
+    )
+    after = get_adapter_state(model)
+    set_adapter_state(model, before)
+    lora_a = [k for k in before if k.endswith("lora_A.weight")]
+    lora_b = [k for k in before if k.endswith("lora_B.weight")]
+    assert lora_a and all(torch.equal(before[k], after[k]) for k in lora_a)
+    assert all(not torch.equal(before[k], after[k]) for k in lora_b)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
