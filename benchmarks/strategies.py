@@ -120,6 +120,7 @@ def summarise(results: list[dict], rules: list[str], methods: list[str]) -> dict
 def plot(results: list[dict], rules: list[str], methods: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4.2), sharey=True, squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 11+ rules: tab10 would repeat colours
         for rule in rules:
             items = [x for x in results if x["method"] == method and x["rule"] == rule]
             if not items:
@@ -168,7 +169,18 @@ def write_markdown(summary: dict, command: str, overrides: dict, seeds: list[int
         rows = [v for v in summary.values() if v["method"] == method]
         best = max(rows, key=lambda v: v["final_accuracy"][0])
         lines += ["", f"Best final accuracy, {method}: **{best['rule']}** ({pm(best['final_accuracy'])})."]
-    lines += ["", "![accuracy per round](strategies_accuracy.png)", ""]
+    eval_size = int(setting["data.eval-size"])
+    noise = (0.78 * 0.22 / eval_size) ** 0.5
+    lines += [
+        "",
+        f"Reading it: one accuracy on {eval_size} dev examples has a standard error of about {noise:.3f}, "
+        "and seeds change partitions and initialisation too, so differences smaller than the ± "
+        "spreads are not evidence that one rule is better. The aggregate-error column is a "
+        "property of each rule (0 for ffa and residual by construction) and differs far beyond noise.",
+        "",
+        "![accuracy per round](strategies_accuracy.png)",
+        "",
+    ]
     atomic_write_text(path, "\n".join(lines))
 
 
