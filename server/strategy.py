@@ -68,8 +68,10 @@ class AdapterFedAvg(FedAvg):
         self.transport_dtype = transport_dtype
         self.diagnostics = diagnostics
         self.on_base_offset = on_base_offset
-        #: Base offsets every client currently applies (always fp32 on the wire: part of the base).
+        #: Base offsets every client currently applies (always fp32 on the wire: part of the base),
+        #: and their encoded record, built once per round and attached to every message.
         self.offsets: AdapterState = {}
+        self._offsets_record: ArrayRecord | None = None
         # What the clients receive, decoded: the reference every reply is checked against.
         self.current: AdapterState = from_array_record(to_array_record(initial_state, transport_dtype))
         self.round_metrics: dict = {}
@@ -82,12 +84,8 @@ class AdapterFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self.round_metrics = {"_t_start": time.perf_counter()}
         messages = self._with_offsets(super().configure_train(server_round, arrays, config, grid))
-        per_client = (
-            array_record_nbytes(arrays)
-            + sum(array_record_nbytes(r) for k, r in messages[0].content.array_records.items() if k == OFFSETS_KEY)
-            if messages
-            else 0
-        )
+        # Adapter plus base offsets, if any: every message carries the same records.
+        per_client = sum(array_record_nbytes(r) for r in messages[0].content.array_records.values()) if messages else 0
         self.round_metrics["comm/bytes_down"] = per_client * len(messages)
         self.round_metrics["clients/sampled"] = len(messages)
         return messages
@@ -100,10 +98,9 @@ class AdapterFedAvg(FedAvg):
     def _with_offsets(self, messages: Iterable[Message]) -> list[Message]:
         """Attach the current base offsets (if the rule keeps any) to every message."""
         messages = list(messages)
-        if self.offsets:
-            record = to_array_record(self.offsets, "float32")
+        if self._offsets_record is not None:
             for message in messages:
-                message.content[OFFSETS_KEY] = record
+                message.content[OFFSETS_KEY] = self._offsets_record
         return messages
 
     def aggregate_train(
@@ -120,14 +117,13 @@ class AdapterFedAvg(FedAvg):
             array_record_nbytes(m.content.array_records[self.arrayrecord_key]) for m in valid
         )
         decoded = (self._client_update(msg) for msg in valid)
-        if self.rule.single_pass and self.diagnostics is None:
-            # Decode, check and add one reply at a time: the aggregation's memory does not
-            # grow with the number of clients (benchmarks/aggregation.py).
-            updates: Sequence[ClientUpdate] = []
-            new_state = self.rule.aggregate(decoded, self.current)
-        else:
-            updates = list(decoded)  # the diagnostics compare every client with the aggregate
-            new_state = self.rule.aggregate(updates, self.current)
+        # A single-pass rule without diagnostics gets a generator: one reply is decoded,
+        # checked and added at a time, so the aggregation's memory does not grow with the
+        # number of clients (benchmarks/aggregation.py). The diagnostics compare every
+        # client with the aggregate, so they need the list.
+        streaming = self.rule.single_pass and self.diagnostics is None
+        updates = decoded if streaming else list(decoded)
+        new_state = self.rule.aggregate(updates, self.current)
         check_compatible(new_state, self.current, source=f"output of strategy {type(self.rule).__name__}")
         broken = sorted(key for key, value in new_state.items() if not torch.isfinite(value).all())
         if broken:
@@ -137,7 +133,8 @@ class AdapterFedAvg(FedAvg):
             )
         self.round_metrics.update({f"strategy/{k}": float(v) for k, v in self.rule.round_metrics().items()})
         self._check_client_bases(valid)
-        new_offsets = from_array_record(to_array_record(self.rule.base_offset(), "float32"))
+        offsets_record = to_array_record(self.rule.base_offset(), "float32")
+        new_offsets = from_array_record(offsets_record)
         offset_change = {
             module_of(key): value - self.offsets.get(key, torch.zeros_like(value)) for key, value in new_offsets.items()
         }
@@ -152,6 +149,7 @@ class AdapterFedAvg(FedAvg):
             self.round_metrics["time/diagnostics_s"] = time.perf_counter() - started
         if new_offsets or self.offsets:
             self.offsets = new_offsets
+            self._offsets_record = offsets_record if new_offsets else None
             if self.on_base_offset is not None:
                 self.on_base_offset(self.offsets)
 

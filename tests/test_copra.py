@@ -100,19 +100,7 @@ def test_dropped_block_factors_are_not_updated(bundle):
             set_block_adapters(self.blocks, torch.tensor([False, True]))
             return 0.5, torch.tensor([False, True])
 
-    dropper = OnlyBlockOne(bundle.blocks, enabled=True, p0=0.1, full_at=0.75, seed=0)
-    train_examples = bundle.task.server_examples(32)
-    batches = bundle.task.train_batches(train_examples, 8, 3, seed=0, offset=0)
-    train_local(
-        model,
-        bundle.task,
-        batches,
-        schedule=RoundSchedule(1, 1, 3),
-        dropper=dropper,
-        lr=1e-2,
-        weight_decay=0.0,
-        device=bundle.device,
-    )
+    _train_three_steps(bundle, OnlyBlockOne(bundle.blocks, enabled=True, p0=0.1, full_at=0.75, seed=0))
     after = get_adapter_state(model)
     set_adapter_state(model, before)
     for key in before:
@@ -126,18 +114,7 @@ def test_freeze_a_trains_b_only_and_restores_requires_grad(bundle):
     model = bundle.model
     before = get_adapter_state(model)
     dropper = BlockDropper(bundle.blocks, enabled=False, p0=1.0, full_at=0.75, seed=0)
-    batches = bundle.task.train_batches(bundle.task.server_examples(32), 8, 3, seed=0, offset=0)
-    train_local(
-        model,
-        bundle.task,
-        batches,
-        schedule=RoundSchedule(1, 1, 3),
-        dropper=dropper,
-        lr=1e-2,
-        weight_decay=0.1,
-        freeze_a=True,
-        device=bundle.device,
-    )
+    _train_three_steps(bundle, dropper, weight_decay=0.1, freeze_a=True)
     after = get_adapter_state(model)
     set_adapter_state(model, before)
     lora_a = [k for k in before if k.endswith("lora_A.weight")]
@@ -145,3 +122,19 @@ def test_freeze_a_trains_b_only_and_restores_requires_grad(bundle):
     assert lora_a and all(torch.equal(before[k], after[k]) for k in lora_a)
     assert all(not torch.equal(before[k], after[k]) for k in lora_b)
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def _train_three_steps(bundle, dropper, weight_decay=0.0, freeze_a=False):
+    """Three local steps on 32 dev sentences (batch 8) with the given block dropper."""
+    batches = bundle.task.train_batches(bundle.task.server_examples(32), 8, 3, seed=0, offset=0)
+    train_local(
+        bundle.model,
+        bundle.task,
+        batches,
+        schedule=RoundSchedule(1, 1, 3),
+        dropper=dropper,
+        lr=1e-2,
+        weight_decay=weight_decay,
+        freeze_a=freeze_a,
+        device=bundle.device,
+    )
