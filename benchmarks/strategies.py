@@ -27,14 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
-import time
 from pathlib import Path
 
 import strategies
+from benchmarks.common import cached_run, mean_std, pm
 from copra_core.config import RunConfig
 from copra_core.reporting import atomic_write_text, plt  # reporting selects the headless backend
-from simulations.runner import simulate
 
 #: The benchmark's federation: the full 6-layer default model, short sequences and few
 #: steps, so 10 rules x 2 methods x 3 seeds fit in about an hour on a 2-core CPU. A
@@ -61,31 +59,17 @@ METHODS = {"copra": True, "lora": False}
 
 def run_one(rule: str, method: str, seed: int, overrides: dict[str, object], raw_dir: Path) -> dict:
     """One federation; cached as JSON so a rerun skips it."""
-    cache = raw_dir / f"{method}-{rule}-seed{seed}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
     config = RunConfig.from_flat({**SETTING, **overrides})
     config.update({"strategy.name": rule, "copra.enabled": METHODS[method], "seed": seed})
-    with tempfile.TemporaryDirectory(prefix="copra-bench-") as tmp:
-        config.out_dir = tmp
-        started = time.perf_counter()
-        simulate(config, observers=[lambda row: None])
-        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     keep = ("round", "global/accuracy", "aggregation/aggregate_error", "barrier/jensen_aggregate")
-    result = {
-        "rule": rule,
-        "method": method,
-        "seed": seed,
-        "seconds": time.perf_counter() - started,
-        "rows": [{k: r.get(k) for k in keep} | {k: v for k, v in r.items() if k.startswith("strategy/")} for r in rows],
-    }
-    atomic_write_text(cache, json.dumps(result))
-    return result
-
-
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for one value: no spread was measured)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+    return cached_run(
+        config,
+        raw_dir / f"{method}-{rule}-seed{seed}.json",
+        lambda key: key in keep or key.startswith("strategy/"),
+        rule=rule,
+        method=method,
+        seed=seed,
+    )
 
 
 def summarise(results: list[dict], rules: list[str], methods: list[str]) -> dict:
@@ -106,8 +90,8 @@ def summarise(results: list[dict], rules: list[str], methods: list[str]) -> dict
                 "method": method,
                 "rule": rule,
                 "seeds": len(items),
-                "final_accuracy": _mean_std(finals),
-                "rounds_to_95": _mean_std([r for r in rounds_to if r is not None]) if any(rounds_to) else None,
+                "final_accuracy": mean_std(finals),
+                "rounds_to_95": mean_std([r for r in rounds_to if r is not None]) if any(rounds_to) else None,
                 "reached_95": sum(r is not None for r in rounds_to),
                 "aggregate_error": statistics.fmean(r["aggregation/aggregate_error"] for r in later),
                 "jensen_aggregate": statistics.fmean(r["barrier/jensen_aggregate"] for r in later),
@@ -139,11 +123,6 @@ def plot(results: list[dict], rules: list[str], methods: list[str], path: Path) 
 
 
 def write_markdown(summary: dict, command: str, overrides: dict, seeds: list[int], path: Path) -> None:
-    def pm(pair: tuple[float, float | None] | None, digits: int = 3) -> str:
-        if pair is None:
-            return "n/a"
-        return f"{pair[0]:.{digits}f}" + ("" if pair[1] is None else f" ± {pair[1]:.{digits}f}")
-
     setting = {**SETTING, **overrides}
     lines = [
         "# Aggregation rules compared",

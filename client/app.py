@@ -65,3 +65,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     result = learner.evaluate(state, _base_offset(msg))
     metrics = MetricRecord({**result, "num-examples": len(learner.val_examples)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Round 0 of ``init.source=clients``: this client's gradient estimate for LoRA-GA.
+
+    Only the gradient averaged over a few batches leaves the node, never examples.
+    """
+    learner, _, _ = _learner(msg, context)
+    state = from_array_record(msg.content.array_records["arrays"])
+    gradients = learner.gradient_estimate(state)
+    metrics = MetricRecord({"partition-id": learner.partition_id, "num-examples": learner.num_train_examples})
+    return Message(
+        content=RecordDict({"gradients": to_array_record(gradients, "float32"), "metrics": metrics}), reply_to=msg
+    )

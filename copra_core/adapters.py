@@ -8,6 +8,7 @@ An adapter state is PEFT's ``get_peft_model_state_dict`` mapping: LoRA factors
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -17,6 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+
+from copra_core.lora import ADAPTER_NAME
 
 if TYPE_CHECKING:  # Flower is needed for the wire format only; the methods import without it.
     from flwr.app import ArrayRecord
@@ -98,8 +102,18 @@ def array_record_nbytes(record: ArrayRecord) -> int:
 
 
 # ---------------------------------------------------------------------- export
-def export_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], out_dir: Path) -> Path:
+def export_adapter(
+    model: PeftModel,
+    state: Mapping[str, torch.Tensor],
+    out_dir: Path,
+    initial: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+
+    ``initial``: the initial factors an initialisation cancelled by offsetting the base
+    (LoRA-GA: ``W0' = W0 - s B0 A0``). They are folded into the adapter
+    (``fold_initial_factors``), so the folder loads with ``PeftModel.from_pretrained`` on
+    the ORIGINAL base and gives the trained model, at twice the rank.
 
     Atomic: written to a temporary sibling folder, then renamed into place, so an
     interrupted export never leaves a half-written adapter.
@@ -109,7 +123,20 @@ def export_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], out_dir:
     set_adapter_state(model, state)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if initial is None:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            config = copy.deepcopy(model.peft_config[ADAPTER_NAME])
+            folded = fold_initial_factors(state, initial)
+            # Same scaling s at rank 2r: alpha / r (or alpha / sqrt(r) with rsLoRA) is kept.
+            config.lora_alpha = config.lora_alpha * (2**0.5 if config.use_rslora else 2)
+            config.r = 2 * config.r
+            config.save_pretrained(str(tmp))
+            save_file(
+                {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in folded.items()},
+                str(tmp / "adapter_model.safetensors"),
+                metadata={"format": "pt"},
+            )
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -121,3 +148,12 @@ def export_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], out_dir:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def fold_initial_factors(state: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor]) -> AdapterState:
+    """The rank-2r adapter ``[B, -B0] [A; A0] = B A - B0 A0``: ``state`` re-expressed on the original base."""
+    out = {key: value.clone() for key, value in state.items()}
+    for module in lora_modules(state):
+        out[module + LORA_A] = torch.cat([state[module + LORA_A], initial[module + LORA_A]], dim=0)
+        out[module + LORA_B] = torch.cat([state[module + LORA_B], -initial[module + LORA_B]], dim=1)
+    return out

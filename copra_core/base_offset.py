@@ -6,11 +6,18 @@ LoRA-GA starts from an offset base. A LoRA layer then computes
 
     W = W0 + s * (offset + B A)        (s = the layer's LoRA scaling)
 
-with ``offset`` in the same unscaled units as ``B A``. Offsets are keyed
-``<lora module>.base_offset`` (module names as in the adapter state), travel in their
-own ArrayRecord next to the adapter, and are applied to a copy of the original weights
-every time, never accumulated in place: the same original weights and the same offset
-bytes give bit-identical bases in every process (``checksum`` lets clients prove it).
+with ``offset`` in the same unscaled units as ``B A``. There are two kinds, summed:
+
+* ``<lora module>.base_offset``: a strategy's offset (part of the learned update);
+* ``<lora module>.init_offset``: an initialisation's re-parameterisation (LoRA-GA's
+  ``-B0 A0``), which only cancels the initial adapter. When CopRA drops a block's adapter
+  it drops this part with it, so a dropped block computes ``W0 + s * base_offset``: the
+  pre-trained weights plus what was learned, never half of LoRA-GA's cancellation.
+
+Module names are as in the adapter state. Offsets travel in their own ArrayRecord next to
+the adapter and are applied to a copy of the original weights every time, never
+accumulated in place: the same original weights and the same offset bytes give
+bit-identical bases in every process (``checksum`` lets clients prove it).
 """
 
 from __future__ import annotations
@@ -28,14 +35,26 @@ from torch import nn
 from copra_core.lora import ADAPTER_NAME
 
 SUFFIX = ".base_offset"
+INIT_SUFFIX = ".init_offset"
 #: Key of the offsets' ArrayRecord in Flower messages, next to the adapter's "arrays".
 RECORD_KEY = "base-offset"
 
 
 def module_of(key: str) -> str:
-    if not key.endswith(SUFFIX):
-        raise KeyError(f"base offset key '{key}' does not end with '{SUFFIX}'")
-    return key[: -len(SUFFIX)]
+    for suffix in (SUFFIX, INIT_SUFFIX):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    raise KeyError(f"base offset key '{key}' ends with neither '{SUFFIX}' nor '{INIT_SUFFIX}'")
+
+
+def split_offsets(offsets: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(strategy offsets, initialisation offsets), each keyed by module name."""
+    learned = {module_of(k): v for k, v in offsets.items() if k.endswith(SUFFIX)}
+    init = {module_of(k): v for k, v in offsets.items() if k.endswith(INIT_SUFFIX)}
+    unknown = sorted(k for k in offsets if not k.endswith((SUFFIX, INIT_SUFFIX)))
+    if unknown:
+        module_of(unknown[0])  # raises, naming the key
+    return learned, init
 
 
 class BaseOffsets:
@@ -43,24 +62,64 @@ class BaseOffsets:
 
     def __init__(self) -> None:
         self._originals: dict[str, torch.Tensor] = {}
+        # Modules with an initialisation offset: their layer (by id), learned and total offsets
+        # and whether the adapter is on. Kept so CopRA can switch the init part per step.
+        self._switchable: dict[int, tuple[str, nn.Module]] = {}
+        self._learned: dict[str, torch.Tensor] = {}
+        self._total: dict[str, torch.Tensor] = {}
+        self._active: dict[str, bool] = {}
 
     def apply(self, model: nn.Module, offsets: Mapping[str, torch.Tensor]) -> None:
-        """Set every base weight to ``original + s * offset`` (``original`` where none is given)."""
-        wanted = {module_of(key): value for key, value in offsets.items()}
+        """Set every base weight to ``original + s * offset`` (``original`` where none is given).
+
+        Every adapter counts as active afterwards (the whole offset is applied).
+        """
+        learned, init = split_offsets(offsets)
+        self._switchable.clear()
+        self._learned.clear()
+        self._total.clear()
+        self._active.clear()
         with torch.no_grad():
-            for name in set(self._originals) - set(wanted):
+            for name in set(self._originals) - set(learned) - set(init):
                 model.get_submodule(name).get_base_layer().weight.copy_(self._originals[name])
-            for name, offset in wanted.items():
+            for name in sorted(set(learned) | set(init)):
                 layer = model.get_submodule(name)
                 weight = layer.get_base_layer().weight
                 if name not in self._originals:
                     self._originals[name] = weight.detach().clone()
                 original = self._originals[name]
-                if offset.shape != original.shape:
-                    raise ValueError(
-                        f"base offset for '{name}' is {tuple(offset.shape)}, weight {tuple(original.shape)}"
-                    )
-                weight.copy_(original + layer.scaling[ADAPTER_NAME] * offset.to(original.device, original.dtype))
+                for part in (learned.get(name), init.get(name)):
+                    if part is not None and part.shape != original.shape:
+                        raise ValueError(
+                            f"base offset for '{name}' is {tuple(part.shape)}, weight {tuple(original.shape)}"
+                        )
+                scaling = layer.scaling[ADAPTER_NAME]
+                zero = torch.zeros_like(original)
+                learned_part = learned.get(name, zero).to(original.device, original.dtype)
+                total = learned_part + init[name].to(original.device, original.dtype) if name in init else learned_part
+                weight.copy_(original + scaling * total)
+                if name in init:
+                    self._switchable[id(layer)] = (name, layer)
+                    self._learned[name] = learned_part
+                    self._total[name] = total
+                    self._active[name] = True
+
+    def follow_adapter(self, layer: nn.Module, active: bool) -> None:
+        """Drop (or restore) a layer's initialisation offset together with its adapter (CopRA).
+
+        Recomputed from the original weights each time, so the active base is bit-identical
+        to the one ``apply`` set, however often a block was dropped.
+        """
+        entry = self._switchable.get(id(layer))
+        if entry is None:
+            return
+        name, layer = entry
+        if self._active[name] == active:
+            return
+        offset = self._total[name] if active else self._learned[name]
+        with torch.no_grad():
+            layer.get_base_layer().weight.copy_(self._originals[name] + layer.scaling[ADAPTER_NAME] * offset)
+        self._active[name] = active
 
     def checksum(self, model: nn.Module) -> int:
         """CRC32 of the offset base weights (0 when none is offset): equal on equal bases."""

@@ -70,6 +70,31 @@ class LoraSettings:
 
 
 @dataclass
+class InitSettings:
+    method: str = _help(
+        "Adapter initialisation (copra_core/init/): default (PEFT's: A random, B = 0) | lora_ga "
+        "(gradient-aligned factors and an offset base, arXiv 2407.05000).",
+        default="default",
+    )
+    source: str = _help(
+        "Where LoRA-GA's gradient estimate comes from: server (a calibration sample of the training "
+        "data held by the server) | clients (example-weighted mean of the clients' estimates, "
+        "gathered in a round-0 exchange; no raw data leaves a client).",
+        default="server",
+    )
+    calibration_batches: int = _help(
+        "Batches the gradient is averaged over (per client with source=clients).", default=8
+    )
+    batch_size: int = _help("Examples per calibration batch (0 = train.batch-size).", default=0)
+    gamma: float = _help("LoRA-GA's stable scale: factors are multiplied by d_out^(1/4) / sqrt(gamma).", default=16.0)
+    svd: str = _help(
+        "SVD of the gradient: auto (exact for weights up to 1024 x 1024, else randomised) | exact | "
+        "lowrank (torch.svd_lowrank with q = 4r, niter = 4).",
+        default="auto",
+    )
+
+
+@dataclass
 class CopraSettings:
     enabled: bool = _help(
         "CopRA random block dropping; false = plain LoRA through the same code path.",
@@ -166,6 +191,7 @@ class RunConfig:
     out_dir: str = _help("Where metrics, report, plots and the adapter are written.", default="runs/latest")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    init: InitSettings = field(default_factory=InitSettings)
     copra: CopraSettings = field(default_factory=CopraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -224,6 +250,24 @@ class RunConfig:
             (self.lora.alpha > 0, "lora.alpha", f"must be > 0, got {self.lora.alpha}"),
             (0 <= self.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
             (bool(split_csv(self.lora.target_modules)), "lora.target-modules", "is empty"),
+            (
+                self.init.method in ("default", "lora_ga"),
+                "init.method",
+                f"must be default | lora_ga, got '{self.init.method}'",
+            ),
+            (
+                self.init.source in ("server", "clients"),
+                "init.source",
+                f"must be server | clients, got '{self.init.source}'",
+            ),
+            (self.init.calibration_batches > 0, "init.calibration-batches", "must be > 0"),
+            (self.init.batch_size >= 0, "init.batch-size", "must be >= 0"),
+            (self.init.gamma > 0, "init.gamma", "must be > 0"),
+            (
+                self.init.svd in ("auto", "exact", "lowrank"),
+                "init.svd",
+                f"must be auto | exact | lowrank, got '{self.init.svd}'",
+            ),
             (0 <= self.copra.p0 <= 1, "copra.p0", "must be in [0, 1]"),
             (0 < self.copra.full_at <= 1, "copra.full-at", "must be in (0, 1]"),
             (self.train.local_steps > 0, "train.local-steps", "must be > 0"),

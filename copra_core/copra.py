@@ -10,6 +10,9 @@ Mechanics (METHODS.md section 1):
   the block; at least one block active; no rescaling of active adapters;
 * a dropped block keeps its frozen base weights, only its LoRA delta is skipped, so its
   LoRA factors receive no gradient (``None``) and AdamW leaves them untouched that step.
+  An initialisation that offsets the base to cancel its initial adapter (LoRA-GA) is
+  dropped with the adapter (``BaseOffsets.follow_adapter``): a dropped block is the
+  pre-trained block, as in CopRA without such an initialisation.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from peft.tuners.lora import LoraLayer
+
+from copra_core.base_offset import BaseOffsets
 
 
 def activation_probability(progress: float, p0: float, full_at: float = 0.75) -> float:
@@ -44,8 +49,10 @@ def sample_block_mask(num_blocks: int, p: float, generator: torch.Generator) -> 
     return mask
 
 
-def set_block_adapters(blocks: Sequence[Sequence[LoraLayer]], mask: torch.Tensor) -> None:
-    """Enable the LoRA delta of block i iff ``mask[i]``.
+def set_block_adapters(
+    blocks: Sequence[Sequence[LoraLayer]], mask: torch.Tensor, base_offsets: BaseOffsets | None = None
+) -> None:
+    """Enable the LoRA delta of block i iff ``mask[i]`` (and its initialisation offset, if any).
 
     Sets PEFT's ``_disable_adapters`` flag (what ``LoraLayer.forward`` reads) directly:
     ``enable_adapters()`` would also flip ``requires_grad``, which would fight
@@ -54,16 +61,18 @@ def set_block_adapters(blocks: Sequence[Sequence[LoraLayer]], mask: torch.Tensor
     for layers, active in zip(blocks, mask.tolist(), strict=True):
         for layer in layers:
             layer._disable_adapters = not active
+            if base_offsets is not None:
+                base_offsets.follow_adapter(layer, active)
 
 
 @contextlib.contextmanager
-def all_blocks_active(blocks: Sequence[Sequence[LoraLayer]]) -> Iterator[None]:
+def all_blocks_active(blocks: Sequence[Sequence[LoraLayer]], base_offsets: BaseOffsets | None = None) -> Iterator[None]:
     """Evaluation and aggregation always use every block."""
-    set_block_adapters(blocks, torch.ones(len(blocks), dtype=torch.bool))
+    set_block_adapters(blocks, torch.ones(len(blocks), dtype=torch.bool), base_offsets)
     try:
         yield
     finally:
-        set_block_adapters(blocks, torch.ones(len(blocks), dtype=torch.bool))
+        set_block_adapters(blocks, torch.ones(len(blocks), dtype=torch.bool), base_offsets)
 
 
 class BlockDropper:
@@ -77,8 +86,10 @@ class BlockDropper:
         p0: float,
         full_at: float,
         seed: int,
+        base_offsets: BaseOffsets | None = None,
     ) -> None:
         self.blocks = blocks
+        self.base_offsets = base_offsets
         self.enabled = enabled
         self.p0 = p0
         self.full_at = full_at
@@ -93,9 +104,9 @@ class BlockDropper:
         else:
             p = activation_probability(progress, self.p0, self.full_at)
             mask = sample_block_mask(num_blocks, p, self.generator)
-        set_block_adapters(self.blocks, mask)
+        set_block_adapters(self.blocks, mask, self.base_offsets)
         return p, mask
 
     def step_all_active(self) -> None:
         """Switch every block back on (after training: evaluation uses all blocks)."""
-        set_block_adapters(self.blocks, torch.ones(len(self.blocks), dtype=torch.bool))
+        set_block_adapters(self.blocks, torch.ones(len(self.blocks), dtype=torch.bool), self.base_offsets)

@@ -58,6 +58,15 @@ DATASETS: dict[str, TextClassificationSpec] = {
         label_column="label",
         label_names=("negative", "positive"),
     ),
+    "mrpc": TextClassificationSpec(
+        name="mrpc",
+        train_file="mrpc/train.tsv",
+        eval_file="mrpc/dev.tsv",
+        text_columns=("#1 String", "#2 String"),
+        label_column="Quality",
+        label_names=("not_paraphrase", "paraphrase"),
+        encoding="utf-8-sig",  # GLUE's MRPC files start with a byte-order mark
+    ),
 }
 
 
@@ -195,3 +204,14 @@ def server_eval_split(settings: DataSettings, seed: int, size: int = 0) -> Datas
     if size and size < len(dev):
         dev = dev.shuffle(seed=seed).select(range(size))
     return dev
+
+
+def calibration_split(settings: DataSettings, seed: int, size: int) -> Dataset:
+    """A seeded sample of the training split held by the server (LoRA-GA with ``init.source=server``).
+
+    It stands for a small calibration set the server owns; in simulation it is drawn from
+    the same training file the clients' partitions come from.
+    """
+    spec = dataset_spec(settings.dataset)
+    train = read_split(resolve_data_dir(settings), spec, "train")
+    return train.shuffle(seed=seed + 7).select(range(min(size, len(train))))

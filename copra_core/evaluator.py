@@ -31,7 +31,7 @@ class ServerEvaluator:
         self._template = bundle.initial_state()
 
     def _run(self) -> dict[str, float]:
-        with all_blocks_active(self.bundle.blocks):
+        with all_blocks_active(self.bundle.blocks, self.bundle.base_offsets):
             return evaluate(self.bundle.model, self.bundle.task, self._batches, self.bundle.device)
 
     def factor(self, state: AdapterState) -> dict[str, float]:

@@ -17,8 +17,9 @@ from peft import PeftModel
 from copra_core.adapters import AdapterState, get_adapter_state, set_adapter_state
 from copra_core.base_offset import BaseOffsets
 from copra_core.config import RunConfig
-from copra_core.copra import BlockDropper
+from copra_core.copra import BlockDropper, all_blocks_active
 from copra_core.device import resolve_device
+from copra_core.init.gradients import estimate_weight_gradients
 from copra_core.lora import build_peft_model, lora_layers_by_block
 from copra_core.tasks import Batch, Task, build_task
 from copra_core.training import RoundSchedule, evaluate, train_local
@@ -60,6 +61,32 @@ class ModelBundle:
     def initial_state(self) -> AdapterState:
         """The seeded initial adapter (a copy), whatever the model holds now."""
         return {key: value.clone() for key, value in self._initial_state.items()}
+
+
+def calibration_gradients(
+    bundle: ModelBundle, state: AdapterState, examples: Sequence, seed: int
+) -> dict[str, torch.Tensor]:
+    """Mean full-weight gradient of every LoRA base layer on ``init.calibration-batches`` batches.
+
+    Taken at ``state`` on the original (un-offset) base with every block active: the
+    starting point LoRA-GA prepares. The same code serves the server's calibration sample
+    and each client's partition (``init.source``).
+    """
+    cfg = bundle.config
+    set_adapter_state(bundle.model, state)
+    bundle.base_offsets.apply(bundle.model, {})
+    batches = bundle.task.train_batches(
+        examples,
+        cfg.init.batch_size or cfg.train.batch_size,
+        cfg.init.calibration_batches,
+        seed=seed,
+        offset=0,
+        group_by_length=cfg.train.group_by_length,
+    )
+    torch.manual_seed(seed)  # dropout masks of the calibration passes
+    with all_blocks_active(bundle.blocks):
+        gradients, _ = estimate_weight_gradients(bundle.model, bundle.task, batches, bundle.device)
+    return gradients
 
 
 _BUNDLES: dict[str, ModelBundle] = {}
@@ -129,6 +156,7 @@ class ClientLearner:
             p0=cfg.copra.p0,
             full_at=cfg.copra.full_at,
             seed=_mix(cfg.seed, self.partition_id, server_round),
+            base_offsets=bundle.base_offsets,
         )
         batches = self.round_batches(server_round)
         metrics = train_local(
@@ -152,6 +180,12 @@ class ClientLearner:
         bundle.base_offsets.apply(bundle.model, base_offset or {})
         batches = bundle.task.eval_batches(self.val_examples, self.config.diagnostics.batch_size)
         return evaluate(bundle.model, bundle.task, batches, bundle.device)
+
+    def gradient_estimate(self, state: AdapterState) -> dict[str, torch.Tensor]:
+        """This client's full-weight gradient estimate for LoRA-GA (``init.source=clients``)."""
+        return calibration_gradients(
+            self.bundle, state, self.train_examples, _mix(self.config.seed, self.partition_id, 2)
+        )
 
     def base_checksum(self) -> int:
         """CRC32 of this process's offset base weights (equal on every client of a run)."""

@@ -118,7 +118,6 @@ def plot_barriers(rows: Sequence[dict], path: Path) -> None:
     ax.set_ylabel("loss above the clients' (nats)")
     ax.set_title("Interpolation barriers")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     for key, label in (
         ("aggregation/exactness_error", "factor averaging"),
         ("aggregation/aggregate_error", "this run's strategy"),
@@ -129,8 +128,10 @@ def plot_barriers(rows: Sequence[dict], path: Path) -> None:
     ax2.set_xlabel("round")
     ax2.set_ylabel("relative Frobenius error")
     ax2.set_title("Distance from the exact product average")
-    ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
+    for axis in (ax, ax2):
+        if axis.get_legend_handles_labels()[0]:  # nothing to label when diagnostics are off
+            axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,7 +1,8 @@
 """Flower ServerApp: one federated run from config to report.
 
 Read top to bottom, a run is: validate the config; load the server's copy of the model
-and its fixed evaluation sets; resolve and dry-run the aggregation rule; let Flower's
+and its fixed evaluation sets; resolve and dry-run the aggregation rule; compute the
+initial adapter once (round 0: LoRA-GA's gradient estimate, ``server/initialisation.py``); let Flower's
 FedAvg loop send the global adapter, collect client adapters, aggregate them with the
 rule and measure the barrier diagnostics (``server/strategy.py``); after each round,
 evaluate the global adapter and write one row of metrics.jsonl; at the end export the
@@ -26,6 +27,7 @@ from copra_core.diagnostics import round_diagnostics
 from copra_core.evaluator import ServerEvaluator
 from copra_core.learner import model_bundle
 from copra_core.reporting import MetricsLog, atomic_write_text, write_report
+from server.initialisation import initial_adapter
 from server.strategy import AdapterFedAvg
 from strategies.base import ClientUpdate
 
@@ -76,10 +78,10 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
 
     bundle = model_bundle(config)
     task = bundle.task
-    initial_state = bundle.initial_state()
-    set_adapter_state(bundle.model, initial_state)  # the cached model may hold a previous run's adapter
+    seeded_state = bundle.initial_state()
+    set_adapter_state(bundle.model, seeded_state)  # the cached model may hold a previous run's adapter
     bundle.base_offsets.apply(bundle.model, {})  # ... and a previous run's base offsets
-    strategies.dry_run(rule, initial_state)  # a broken rule fails here, before round 1
+    strategies.dry_run(rule, seeded_state)  # a broken rule fails here, before round 1
 
     global_eval = ServerEvaluator(bundle, task.server_examples(config.data.eval_size), config.diagnostics.batch_size)
     diag_eval = ServerEvaluator(
@@ -107,6 +109,11 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
         metrics["curves"] = [vars(c) | {"pair": list(c.pair)} for c in curves]
         return metrics
 
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+    wait_for_nodes(grid, config.federation.clients, config.federation.wait_for_nodes_s)
+    # Round 0: the initial adapter (LoRA-GA: from a gradient estimate) and its base offsets.
+    initial_state, init_offsets, init_metrics = initial_adapter(grid, config, bundle, seeded_state)
+
     strategy = AdapterFedAvg(
         rule=rule,
         initial_state=initial_state,
@@ -119,15 +126,20 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
         min_evaluate_nodes=min(config.federation.min_train_nodes, config.federation.clients),
         min_available_nodes=max(config.federation.min_train_nodes, config.federation.clients),
     )
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
-    wait_for_nodes(grid, config.federation.clients, config.federation.wait_for_nodes_s)
+    if init_offsets:
+        strategy.set_init_offsets(init_offsets)
+        bundle.base_offsets.apply(bundle.model, strategy.offsets)
+        # The clients report the same checksum of their bases every round (clients/base_crc32).
+        init_metrics["init/base_crc32"] = bundle.base_offsets.checksum(bundle.model)
 
     def end_of_round(server_round: int, arrays) -> MetricRecord:
         """Flower calls this after every round (and once before round 1): evaluate and record."""
         result = global_eval.factor(strategy.current)
         row: dict = {"round": server_round}
         row.update({f"global/{k}": v for k, v in result.items()})
-        if server_round > 0:
+        if server_round == 0:
+            row.update(init_metrics)
+        else:
             row.update({k: v for k, v in strategy.round_metrics.items() if not k.startswith("_")})
             row["time/round_s"] = time.perf_counter() - strategy.round_metrics["_t_start"]
         metrics_log.append(row)
@@ -145,11 +157,13 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
         evaluate_fn=end_of_round,
     )
 
-    export_adapter(bundle.model, strategy.current, out_dir / "adapter")
-    if strategy.offsets:
-        # The adapter alone on the original base is not the evaluated model: ship the base
-        # offsets next to it (docs/strategies.md shows how to apply them).
-        save_offsets(strategy.offsets, out_dir / "base_offset.safetensors")
+    # LoRA-GA's offset only cancels its initial factors: fold them into the exported adapter
+    # (rank 2r), which then needs no offset on the original base.
+    export_adapter(bundle.model, strategy.current, out_dir / "adapter", initial=initial_state if init_offsets else None)
+    if strategy.rule_offsets:
+        # A strategy's offsets (residual) are full rank: ship them next to the adapter
+        # (docs/strategies.md shows how to apply them).
+        save_offsets(strategy.rule_offsets, out_dir / "base_offset.safetensors")
     write_report(
         out_dir,
         metrics_log.rows,

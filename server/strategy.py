@@ -68,9 +68,11 @@ class AdapterFedAvg(FedAvg):
         self.transport_dtype = transport_dtype
         self.diagnostics = diagnostics
         self.on_base_offset = on_base_offset
-        #: Base offsets every client currently applies (always fp32 on the wire: part of the base),
-        #: and their encoded record, built once per round and attached to every message.
-        self.offsets: AdapterState = {}
+        #: Base offsets every client currently applies (always fp32 on the wire: part of the base):
+        #: the initialisation's (LoRA-GA, fixed) and the rule's (residual, per round), and their
+        #: encoded record, built once per change and attached to every message.
+        self.init_offsets: AdapterState = {}
+        self.rule_offsets: AdapterState = {}
         self._offsets_record: ArrayRecord | None = None
         # What the clients receive, decoded: the reference every reply is checked against.
         self.current: AdapterState = from_array_record(to_array_record(initial_state, transport_dtype))
@@ -78,6 +80,20 @@ class AdapterFedAvg(FedAvg):
 
     def initial_arrays(self) -> ArrayRecord:
         return to_array_record(self.current, self.transport_dtype)
+
+    @property
+    def offsets(self) -> AdapterState:
+        """All base offsets the clients apply now (``<module>.init_offset`` and ``<module>.base_offset``)."""
+        return {**self.init_offsets, **self.rule_offsets}
+
+    def set_init_offsets(self, offsets: AdapterState) -> None:
+        """The initialisation's offsets (computed once, before round 1), sent from now on."""
+        self.init_offsets = from_array_record(to_array_record(offsets, "float32"))
+        self._encode_offsets()
+
+    def _encode_offsets(self) -> None:
+        combined = self.offsets
+        self._offsets_record = to_array_record(combined, "float32") if combined else None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -133,10 +149,10 @@ class AdapterFedAvg(FedAvg):
             )
         self.round_metrics.update({f"strategy/{k}": float(v) for k, v in self.rule.round_metrics().items()})
         self._check_client_bases(valid)
-        offsets_record = to_array_record(self.rule.base_offset(), "float32")
-        new_offsets = from_array_record(offsets_record)
+        new_offsets = from_array_record(to_array_record(self.rule.base_offset(), "float32"))
         offset_change = {
-            module_of(key): value - self.offsets.get(key, torch.zeros_like(value)) for key, value in new_offsets.items()
+            module_of(key): value - self.rule_offsets.get(key, torch.zeros_like(value))
+            for key, value in new_offsets.items()
         }
         # Send, local training, receive and aggregation: the part a bare training loop also has.
         self.round_metrics["time/train_s"] = time.perf_counter() - self.round_metrics["_t_start"]
@@ -147,9 +163,9 @@ class AdapterFedAvg(FedAvg):
             started = time.perf_counter()
             self.round_metrics.update(self.diagnostics(server_round, updates, self.current, offset_change))
             self.round_metrics["time/diagnostics_s"] = time.perf_counter() - started
-        if new_offsets or self.offsets:
-            self.offsets = new_offsets
-            self._offsets_record = offsets_record if new_offsets else None
+        if new_offsets or self.rule_offsets:
+            self.rule_offsets = new_offsets
+            self._encode_offsets()
             if self.on_base_offset is not None:
                 self.on_base_offset(self.offsets)
 
@@ -169,6 +185,7 @@ class AdapterFedAvg(FedAvg):
         if not sums:
             return
         self.round_metrics["clients/distinct_bases"] = len(set(sums.values()))
+        self.round_metrics["clients/base_crc32"] = sorted(set(sums.values()))
         if len(set(sums.values())) > 1:
             raise RuntimeError(f"clients trained on different base weights (CRC32 per node: {sums})")
 

@@ -31,6 +31,9 @@ def simulate(
     clients: Annotated[int | None, typer.Option(help="Simulated clients (federation.clients).")] = None,
     partition: Annotated[str | None, typer.Option(help="iid | dirichlet | pathological (data.partition).")] = None,
     method: Annotated[str | None, typer.Option(help="copra | lora (copra.enabled).")] = None,
+    init: Annotated[
+        str | None, typer.Option(help="Adapter initialisation: default | lora_ga (init.method; see init.source).")
+    ] = None,
     strategy: Annotated[
         str | None,
         typer.Option(help="Aggregation rule: a name from `copra-fl strategies` or package.module:Class."),
@@ -62,6 +65,8 @@ def simulate(
             overrides["strategy.name"] = strategy
         if strategy_options is not None:
             overrides["strategy.options"] = strategy_options
+        if init is not None:
+            overrides["init.method"] = init
         if method is not None:
             if method not in ("copra", "lora"):
                 raise ConfigError(f"--method must be copra or lora, got '{method}'")

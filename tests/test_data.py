@@ -25,6 +25,17 @@ def test_sst2_shapes():
     assert sum(dev["label"]) == 444
 
 
+def test_mrpc_pairs_labels_and_bom():
+    spec = data.dataset_spec("mrpc")
+    train = data.read_split(data.REPO_DATA_DIR, spec, "train")
+    dev = data.read_split(data.REPO_DATA_DIR, spec, "eval")
+    assert (len(train), len(dev)) == (3668, 408)
+    assert (sum(train["label"]), sum(dev["label"])) == (2474, 279)  # MANIFEST.md's counts
+    # The byte-order mark is not part of the first column's name (utf-8-sig).
+    assert train.column_names == ["#1 String", "#2 String", "label"]
+    assert train[0]["#1 String"].startswith("Amrozi accused his brother")
+
+
 def test_missing_data_file_names_the_file_and_key(tmp_path):
     with pytest.raises(data.DataFileError, match=r"sst2/train\.tsv.*data\.dir"):
         data.client_splits(DataSettings(dir=str(tmp_path)), 0, 2, seed=0)

@@ -106,5 +106,5 @@ def test_base_offsets_are_applied_to_the_original_weights_and_restored_bit_for_b
     finally:
         with torch.no_grad():
             weight.copy_(original)
-    with pytest.raises(KeyError, match=r"does not end with '\.base_offset'"):
+    with pytest.raises(KeyError, match=r"ends with neither '\.base_offset' nor '\.init_offset'"):
         BaseOffsets().apply(model, {module: offset})

@@ -44,6 +44,10 @@ class Task(ABC):
         """Encoded server evaluation examples (``size`` 0 = the whole evaluation split)."""
 
     @abstractmethod
+    def calibration_examples(self, size: int) -> Sequence:
+        """Encoded training examples the server holds for calibration (LoRA-GA), a seeded sample."""
+
+    @abstractmethod
     def collate(self, examples: Sequence[Any]) -> Batch:
         """Stack encoded examples into model inputs (with labels)."""
 

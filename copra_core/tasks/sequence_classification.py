@@ -56,6 +56,9 @@ class SequenceClassificationTask(Task):
     def server_examples(self, size: int) -> list[Example]:
         return self._encode(data.server_eval_split(self.config.data, self.config.seed, size))
 
+    def calibration_examples(self, size: int) -> list[Example]:
+        return self._encode(data.calibration_split(self.config.data, self.config.seed, size))
+
     def collate(self, examples: Sequence[Example]) -> Batch:
         tokenizer = _tokenizer(self.model_path)
         batch = tokenizer.pad([{"input_ids": e["input_ids"]} for e in examples], return_tensors="pt")
