@@ -68,6 +68,7 @@ class BaseOffsets:
         self._learned: dict[str, torch.Tensor] = {}
         self._total: dict[str, torch.Tensor] = {}
         self._active: dict[str, bool] = {}
+        self._applied: list[str] = []
 
     def apply(self, model: nn.Module, offsets: Mapping[str, torch.Tensor]) -> None:
         """Set every base weight to ``original + s * offset`` (``original`` where none is given).
@@ -79,6 +80,7 @@ class BaseOffsets:
         self._learned.clear()
         self._total.clear()
         self._active.clear()
+        self._applied = sorted(set(learned) | set(init))
         with torch.no_grad():
             for name in set(self._originals) - set(learned) - set(init):
                 model.get_submodule(name).get_base_layer().weight.copy_(self._originals[name])
@@ -122,9 +124,13 @@ class BaseOffsets:
         self._active[name] = active
 
     def checksum(self, model: nn.Module) -> int:
-        """CRC32 of the offset base weights (0 when none is offset): equal on equal bases."""
+        """CRC32 of the offset base weights (0 when none is offset): equal on equal bases.
+
+        Over the modules the last ``apply`` offset, so processes with different histories
+        (a cached model that served another run) still agree when their bases do.
+        """
         crc = 0
-        for name in sorted(self._originals):
+        for name in self._applied:
             weight = model.get_submodule(name).get_base_layer().weight.detach().to("cpu").contiguous()
             crc = zlib.crc32(weight.numpy().tobytes(), crc)
         return crc

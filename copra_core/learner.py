@@ -64,7 +64,7 @@ class ModelBundle:
 
 
 def calibration_gradients(
-    bundle: ModelBundle, state: AdapterState, examples: Sequence, seed: int
+    bundle: ModelBundle, config: RunConfig, state: AdapterState, examples: Sequence, seed: int
 ) -> dict[str, torch.Tensor]:
     """Mean full-weight gradient of every LoRA base layer on ``init.calibration-batches`` batches.
 
@@ -72,7 +72,7 @@ def calibration_gradients(
     starting point LoRA-GA prepares. The same code serves the server's calibration sample
     and each client's partition (``init.source``).
     """
-    cfg = bundle.config
+    cfg = config  # not bundle.config: the cached model may have been built for another run
     set_adapter_state(bundle.model, state)
     bundle.base_offsets.apply(bundle.model, {})
     batches = bundle.task.train_batches(
@@ -83,9 +83,14 @@ def calibration_gradients(
         offset=0,
         group_by_length=cfg.train.group_by_length,
     )
-    torch.manual_seed(seed)  # dropout masks of the calibration passes
-    with all_blocks_active(bundle.blocks):
-        gradients, _ = estimate_weight_gradients(bundle.model, bundle.task, batches, bundle.device)
+    # Seeded dropout masks, without disturbing the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]), all_blocks_active(bundle.blocks):
+        torch.manual_seed(seed)
+        gradients, count = estimate_weight_gradients(bundle.model, bundle.task, batches, bundle.device)
+    if count != cfg.init.calibration_batches:
+        raise RuntimeError(
+            f"gradient estimate used {count} batches, init.calibration-batches is {cfg.init.calibration_batches}"
+        )
     return gradients
 
 
@@ -183,9 +188,8 @@ class ClientLearner:
 
     def gradient_estimate(self, state: AdapterState) -> dict[str, torch.Tensor]:
         """This client's full-weight gradient estimate for LoRA-GA (``init.source=clients``)."""
-        return calibration_gradients(
-            self.bundle, state, self.train_examples, _mix(self.config.seed, self.partition_id, 2)
-        )
+        seed = _mix(self.config.seed, self.partition_id, 2)
+        return calibration_gradients(self.bundle, self.config, state, self.train_examples, seed)
 
     def base_checksum(self) -> int:
         """CRC32 of this process's offset base weights (equal on every client of a run)."""

@@ -120,6 +120,7 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
         transport_dtype=config.federation.transport_dtype,
         diagnostics=diagnostics if config.diagnostics.enabled else None,
         on_base_offset=lambda offsets: bundle.base_offsets.apply(bundle.model, offsets),
+        base_checksum=lambda: bundle.base_offsets.checksum(bundle.model),
         fraction_train=config.federation.fraction_train,
         fraction_evaluate=config.federation.fraction_evaluate,
         min_train_nodes=config.federation.min_train_nodes,

@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from copra_core.adapters import AdapterState, from_array_record, to_array_record
+from copra_core.adapters import LORA_A, LORA_B, AdapterState, from_array_record, lora_modules, to_array_record
 from copra_core.config import RunConfig
 from copra_core.init import initialiser
 from copra_core.learner import ModelBundle, calibration_gradients
@@ -34,18 +34,21 @@ def initial_adapter(
     rounding, and broadcast as bytes: no client recomputes them, so every base is identical.
     """
     method = initialiser(config.init.method)
+    method.check(state)
     if not method.needs_gradients:
         return method.initial_state(state, None, config.init), {}, {}
     started = time.perf_counter()
     if config.init.source == "server":
         batch_size = config.init.batch_size or config.train.batch_size
         examples = bundle.task.calibration_examples(config.init.calibration_batches * batch_size)
-        gradients = calibration_gradients(bundle, state, examples, seed=config.seed)
+        gradients = calibration_gradients(bundle, config, state, examples, seed=config.seed)
         clients = 0
     else:
         gradients, clients = client_gradients(grid, config, state)
     estimated = time.perf_counter()
-    new_state = method.initial_state(state, gradients, config.init)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the randomised SVD (large weights) draws from it
+        new_state = method.initial_state(state, gradients, config.init)
     transported = from_array_record(to_array_record(new_state, config.federation.transport_dtype))
     offsets = method.offsets(transported)
     done = time.perf_counter()
@@ -69,6 +72,8 @@ def client_gradients(grid: Grid, config: RunConfig, state: AdapterState) -> tupl
     )
     nodes = list(grid.get_node_ids())
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
+    # Bounded: a node that never answers must not hang the run (ten times the connect wait;
+    # the estimate is a few forward/backward passes).
     replies = list(grid.send_and_receive(messages, timeout=config.federation.wait_for_nodes_s * 10))
     valid = [reply for reply in replies if not reply.has_error()]
     failed = {reply.metadata.src_node_id: reply.error.reason for reply in replies if reply.has_error()}
@@ -83,9 +88,20 @@ def client_gradients(grid: Grid, config: RunConfig, state: AdapterState) -> tupl
     valid.sort(key=lambda m: m.content.metric_records["metrics"]["partition-id"])
     counts = [int(m.content.metric_records["metrics"]["num-examples"]) for m in valid]
     total = float(sum(counts))
+    if total <= 0:
+        raise RuntimeError("init.source=clients: the clients' num-examples sum to zero")
+    expected = {m: (state[m + LORA_B].shape[0], state[m + LORA_A].shape[1]) for m in lora_modules(state)}
     mean: dict[str, torch.Tensor] = {}
     for reply, count in zip(valid, counts, strict=True):
-        for name, gradient in from_array_record(reply.content.array_records["gradients"]).items():
+        gradients = from_array_record(reply.content.array_records["gradients"])
+        shapes = {name: tuple(g.shape) for name, g in gradients.items()}
+        if shapes != expected:
+            raise RuntimeError(
+                f"init.source=clients: node {reply.metadata.src_node_id} sent gradients that do not match the "
+                f"adapter's modules (missing {sorted(set(expected) - set(shapes))[:3]}, unexpected "
+                f"{sorted(set(shapes) - set(expected))[:3]}, or shapes differ)"
+            )
+        for name, gradient in gradients.items():
             weighted = gradient.double() * (count / total)
             mean[name] = mean[name] + weighted if name in mean else weighted
     return {name: value.float() for name, value in mean.items()}, len(valid)

@@ -50,6 +50,8 @@ class AdapterFedAvg(FedAvg):
         Barrier diagnostics, run on every aggregation.
     on_base_offset : callable, optional
         Applies the rule's new base offsets to the server's own model after a round.
+    base_checksum : callable, optional
+        CRC32 of the server's own offset base; every client's must equal it.
     **fedavg_kwargs
         Passed to Flower's ``FedAvg`` (sampling fractions and minimum node counts).
     """
@@ -61,6 +63,7 @@ class AdapterFedAvg(FedAvg):
         transport_dtype: str = "float32",
         diagnostics: DiagnosticsHook | None = None,
         on_base_offset: Callable[[AdapterState], None] | None = None,
+        base_checksum: Callable[[], int] | None = None,
         **fedavg_kwargs: float | int,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -68,6 +71,7 @@ class AdapterFedAvg(FedAvg):
         self.transport_dtype = transport_dtype
         self.diagnostics = diagnostics
         self.on_base_offset = on_base_offset
+        self.base_checksum = base_checksum
         #: Base offsets every client currently applies (always fp32 on the wire: part of the base):
         #: the initialisation's (LoRA-GA, fixed) and the rule's (residual, per round), and their
         #: encoded record, built once per change and attached to every message.
@@ -176,7 +180,11 @@ class AdapterFedAvg(FedAvg):
         return arrays, train_metrics
 
     def _check_client_bases(self, replies: Sequence[Message]) -> None:
-        """Clients with base offsets report a checksum of their base: all must be equal."""
+        """Clients with base offsets report a checksum of their base: all must equal the server's.
+
+        Called before this round's new offsets are applied, so the server's model still
+        has the base the clients trained on.
+        """
         sums = {
             m.metadata.src_node_id: m.content.metric_records["metrics"]["base-crc32"]
             for m in replies
@@ -188,6 +196,11 @@ class AdapterFedAvg(FedAvg):
         self.round_metrics["clients/base_crc32"] = sorted(set(sums.values()))
         if len(set(sums.values())) > 1:
             raise RuntimeError(f"clients trained on different base weights (CRC32 per node: {sums})")
+        if self.base_checksum is not None:
+            server = self.base_checksum()
+            self.round_metrics["server/base_crc32"] = server
+            if server not in sums.values():
+                raise RuntimeError(f"clients' base weights differ from the server's (CRC32 {server}; clients: {sums})")
 
     def _client_update(self, msg: Message) -> ClientUpdate:
         """Decode one reply and check it against the global adapter (naming the client)."""

@@ -271,10 +271,16 @@ def test_rslora_scaling_is_used_for_the_offset_and_the_export(tmp_path):
     before = _logits(bundle.model, batch)
     _install(bundle, state, init_offsets(state))
     torch.testing.assert_close(_logits(bundle.model, batch), before, rtol=0, atol=1e-4)
-    export_adapter(bundle.model, state, tmp_path / "adapter", initial=state)
+    trained = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in state.items()}
+    _install(bundle, trained, init_offsets(state))
+    expected = _logits(bundle.model, batch)
+    export_adapter(bundle.model, trained, tmp_path / "adapter", initial=state)
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["use_rslora"] and saved["r"] == 4
     assert saved["lora_alpha"] / 4**0.5 == pytest.approx(layer.scaling["default"])
+    base, _ = bundle.task.load_model()
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(_logits(loaded, batch), expected, rtol=0, atol=1e-4)
 
 
 def test_bad_input_is_a_clear_error(ga_bundle, gradients):
@@ -285,6 +291,10 @@ def test_bad_input_is_a_clear_error(ga_bundle, gradients):
         initialiser("lora-ga")
     with pytest.raises(ConfigError, match=r"lora\.r.*2 \* r <= min"):
         lora_ga_factors(torch.randn(6, 5), rank=3)
+    too_wide = {"m.lora_A.weight": torch.zeros(5, 6), "m.lora_B.weight": torch.zeros(6, 5)}
+    with pytest.raises(ConfigError, match=r"lora\.r.*'m' \(6 x 6\)"):
+        initialiser("lora_ga").check(too_wide)  # before any gradient is estimated
+    initialiser("default").check(too_wide)
     with pytest.raises(ValueError, match="no calibration batches"):
         estimate_weight_gradients(ga_bundle.model, ga_bundle.task, [], torch.device("cpu"))
     with pytest.raises(ValueError, match="not finite"):
@@ -300,6 +310,7 @@ def test_server_source_initialisation_keeps_the_model_and_reports_its_cost(ga_bu
     _install(ga_bundle, default, {})
     before = _logits(ga_bundle.model, batches[2])
     state, offsets, metrics = initial_adapter(None, config, ga_bundle, default)  # the server needs no grid
+    # (calibration_gradients checks it ran init.calibration-batches = 2 batches, not the bundle's 8)
     assert set(offsets) == {m + INIT_SUFFIX for m in lora_modules(state)}
     assert metrics["init/clients"] == 0 and metrics["init/time_s"] > 0
     _install(ga_bundle, state, offsets)
@@ -325,9 +336,31 @@ def test_federated_lora_ga_from_clients_gives_every_client_the_same_base(tmp_pat
     for row in rows[1:]:
         # Every client's offset base is bit-identical to the server's (CRC32 of the weights).
         assert row["clients/distinct_bases"] == 1
-        assert row["clients/base_crc32"] == [server_crc]
+        assert row["clients/base_crc32"] == [server_crc] and row["server/base_crc32"] == server_crc
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert saved["r"] == 2 * config["lora"]["r"]
     assert not (out / "base_offset.safetensors").exists()  # folded into the adapter instead
     # Loaded with PEFT on the ORIGINAL base, the adapter gives the run's final accuracy.
     assert exported_accuracy(out) == pytest.approx(rows[-1]["global/accuracy"], abs=1e-9)
+
+
+def test_server_rejects_clients_whose_base_differs_from_its_own():
+    from types import SimpleNamespace
+
+    from server.strategy import AdapterFedAvg
+    from strategies.linear import LinearAveraging
+
+    def reply(node: int, crc: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            metadata=SimpleNamespace(src_node_id=node),
+            content=SimpleNamespace(metric_records={"metrics": {"base-crc32": crc}}),
+        )
+
+    state = {"m.lora_A.weight": torch.zeros(2, 4), "m.lora_B.weight": torch.zeros(4, 2)}
+    strategy = AdapterFedAvg(LinearAveraging(), state, base_checksum=lambda: 7)
+    strategy._check_client_bases([reply(1, 7), reply(2, 7)])
+    assert strategy.round_metrics["server/base_crc32"] == 7
+    with pytest.raises(RuntimeError, match="differ from the server's"):
+        strategy._check_client_bases([reply(1, 8), reply(2, 8)])
+    with pytest.raises(RuntimeError, match="different base weights"):
+        strategy._check_client_bases([reply(1, 7), reply(2, 8)])

@@ -32,6 +32,10 @@ class Initialiser(ABC):
     ) -> AdapterState:
         """The initial adapter (same keys and shapes as ``state``)."""
 
+    def check(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Raise ConfigError before any work when the initialisation cannot apply to ``state``."""
+        return None  # every adapter suits the default
+
     def offsets(self, transported: Mapping[str, torch.Tensor]) -> AdapterState:
         """Base offsets (``<module>.init_offset``) for the adapter as clients receive it (none by default)."""
         return {}

@@ -23,7 +23,16 @@ def lora_base_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """Module name (as in adapter keys, without ``.lora_A.weight``) -> the LoRA layer's base layer."""
     from peft.tuners.lora import LoraLayer
 
-    return {name: module.get_base_layer() for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    layers = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if getattr(module, "fan_in_fan_out", False):
+            # GPT-2's Conv1D stores W transposed; base offsets are d_out x d_in. Refuse rather
+            # than silently build transposed factors.
+            raise ValueError(f"LoRA-GA: '{name}' stores its weight transposed (fan_in_fan_out); not supported")
+        layers[name] = module.get_base_layer()
+    return layers
 
 
 def estimate_weight_gradients(

@@ -68,6 +68,18 @@ def lora_ga_factors(
     return a0, b0
 
 
+def check_rank(state: Mapping[str, torch.Tensor]) -> None:
+    """Fail before any gradient is estimated when a module cannot hold ``2r`` directions."""
+    for module in lora_modules(state):
+        rank, d_in = state[module + LORA_A].shape
+        d_out = state[module + LORA_B].shape[0]
+        if 2 * rank > min(d_out, d_in):
+            raise ConfigError(
+                f"Config key 'lora.r': LoRA-GA needs 2 * r <= min(d_out, d_in), got r = {rank} for "
+                f"'{module}' ({d_out} x {d_in})"
+            )
+
+
 def lora_ga_state(
     state: Mapping[str, torch.Tensor],
     gradients: Mapping[str, torch.Tensor],
@@ -83,6 +95,11 @@ def lora_ga_state(
     for module in modules:
         rank = state[module + LORA_A].shape[0]
         a0, b0 = lora_ga_factors(gradients[module], rank, gamma, svd)
+        if a0.shape != state[module + LORA_A].shape or b0.shape != state[module + LORA_B].shape:
+            raise ValueError(
+                f"LoRA-GA: gradient of '{module}' is {tuple(gradients[module].shape)}, which does not fit "
+                f"A {tuple(state[module + LORA_A].shape)} and B {tuple(state[module + LORA_B].shape)}"
+            )
         out[module + LORA_A], out[module + LORA_B] = a0, b0
     return out
 

@@ -9,7 +9,7 @@ import torch
 from copra_core.adapters import AdapterState
 from copra_core.config import InitSettings
 from copra_core.init import Initialiser
-from copra_core.init.lora_ga import init_offsets, lora_ga_state
+from copra_core.init.lora_ga import check_rank, init_offsets, lora_ga_state
 
 
 class LoraGAInit(Initialiser):
@@ -26,6 +26,9 @@ class LoraGAInit(Initialiser):
         if gradients is None:
             raise ValueError("init.method = lora_ga needs a gradient estimate")
         return lora_ga_state(state, gradients, settings.gamma, settings.svd)
+
+    def check(self, state: Mapping[str, torch.Tensor]) -> None:
+        check_rank(state)
 
     def offsets(self, transported: Mapping[str, torch.Tensor]) -> AdapterState:
         return init_offsets(transported)
