@@ -122,7 +122,20 @@ def plot(results: list[dict], rules: list[str], methods: list[str], path: Path) 
     plt.close(fig)
 
 
-def write_markdown(summary: dict, command: str, overrides: dict, seeds: list[int], path: Path) -> None:
+def per_seed_means(results: list[dict]) -> dict[str, dict[int, float]]:
+    """Mean final accuracy over all rules, per method and seed: how hard each seed's partition is."""
+    out: dict[str, dict[int, float]] = {}
+    for method in sorted({x["method"] for x in results}):
+        for seed in sorted({x["seed"] for x in results}):
+            finals = [x["rows"][-1]["global/accuracy"] for x in results if x["method"] == method and x["seed"] == seed]
+            if finals:
+                out.setdefault(method, {})[seed] = statistics.fmean(finals)
+    return out
+
+
+def write_markdown(
+    summary: dict, command: str, overrides: dict, seeds: list[int], path: Path, seed_means: dict | None = None
+) -> None:
     setting = {**SETTING, **overrides}
     lines = [
         "# Aggregation rules compared",
@@ -148,6 +161,16 @@ def write_markdown(summary: dict, command: str, overrides: dict, seeds: list[int
         rows = [v for v in summary.values() if v["method"] == method]
         best = max(rows, key=lambda v: v["final_accuracy"][0])
         lines += ["", f"Best final accuracy, {method}: **{best['rule']}** ({pm(best['final_accuracy'])})."]
+    if seed_means:
+        lines += [
+            "",
+            "Mean final accuracy over all rules, per seed: "
+            + "; ".join(
+                f"{method}: " + ", ".join(f"seed {seed} {value:.3f}" for seed, value in by_seed.items())
+                for method, by_seed in seed_means.items()
+            )
+            + ". A seed far below the others for every rule points at its partition, not at one rule.",
+        ]
     eval_size = int(setting["data.eval-size"])
     noise = (0.78 * 0.22 / eval_size) ** 0.5
     lines += [
@@ -198,7 +221,7 @@ def main() -> None:
         command += f" --seeds {args.seeds}"
     atomic_write_text(args.out / f"{name}.json", json.dumps(summary, indent=1))
     plot(results, rules, methods, args.out / f"{name}_accuracy.png")
-    write_markdown(summary, command, overrides, seeds, args.out / f"{name}.md")
+    write_markdown(summary, command, overrides, seeds, args.out / f"{name}.md", per_seed_means(results))
     print((args.out / f"{name}.md").read_text())
 
 
