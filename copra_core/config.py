@@ -131,7 +131,7 @@ class TrainSettings:
 
 @dataclass
 class DataSettings:
-    dataset: str = _help("Dataset name in data/MANIFEST.md (sst2).", default="sst2")
+    dataset: str = _help("Dataset name in data/MANIFEST.md: sst2 | mrpc | ag_news.", default="sst2")
     dir: str = _help(
         "Folder holding the vendored datasets; '' = $COPRA_FL_DATA_DIR, else the repository's data/.",
         default="",

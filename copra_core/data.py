@@ -38,11 +38,21 @@ class TextClassificationSpec:
 
     name: str
     train_file: str
+    #: ``""``: no separate evaluation file; ``held_out_eval`` rows of the training file are
+    #: held out instead (a fixed split, the same in every run).
     eval_file: str
     text_columns: tuple[str, ...]
     label_column: str
     label_names: tuple[str, ...]
     encoding: str = "utf-8"
+    #: TSV without quoting (GLUE: bare quotes are text) or quoted CSV.
+    delimiter: str = "\t"
+    quoting: int = csv.QUOTE_NONE
+    #: Column names for files without a header row (``()``: the first row is the header).
+    columns: tuple[str, ...] = ()
+    #: Added to the file's label to get 0-based labels (AG News counts from 1).
+    label_offset: int = 0
+    held_out_eval: int = 0
 
     @property
     def num_labels(self) -> int:
@@ -67,7 +77,27 @@ DATASETS: dict[str, TextClassificationSpec] = {
         label_names=("not_paraphrase", "paraphrase"),
         encoding="utf-8-sig",  # GLUE's MRPC files start with a byte-order mark
     ),
+    # Only the official test file is vendored (the 120k-row train file is not available
+    # offline): its 7,600 rows are split once, with a fixed seed, into 6,600 for the clients
+    # and 1,000 for the server's evaluation.
+    "ag_news": TextClassificationSpec(
+        name="ag_news",
+        train_file="ag_news/test.csv",
+        eval_file="",
+        text_columns=("title", "description"),
+        label_column="class",
+        label_names=("World", "Sports", "Business", "Sci/Tech"),
+        delimiter=",",
+        quoting=csv.QUOTE_MINIMAL,
+        columns=("class", "title", "description"),
+        label_offset=-1,
+        held_out_eval=1000,
+    ),
 }
+
+#: Seed of the fixed train/eval split of datasets that ship one file (not the run's seed:
+#: the evaluation set must not change between runs).
+HELD_OUT_SEED = 20_241_123
 
 
 class DataFileError(FileNotFoundError):
@@ -118,9 +148,19 @@ def dataset_spec(name: str) -> TextClassificationSpec:
 
 @lru_cache(maxsize=8)
 def read_split(data_dir: Path, spec: TextClassificationSpec, split: str) -> Dataset:
-    """Read one split into an in-memory Dataset with columns ``text`` (tuple) and ``label``."""
-    relative = spec.train_file if split == "train" else spec.eval_file
-    path = data_dir / relative
+    """Read one split into an in-memory Dataset with the text columns and ``label``."""
+    if split == "train" and not spec.held_out_eval:
+        return _read_file(data_dir / spec.train_file, spec, split)
+    if split != "train" and spec.eval_file:
+        return _read_file(data_dir / spec.eval_file, spec, split)
+    # One file for both: a fixed held-out split.
+    parts = _read_file(data_dir / spec.train_file, spec, split).train_test_split(
+        test_size=spec.held_out_eval, seed=HELD_OUT_SEED
+    )
+    return parts["train" if split == "train" else "test"]
+
+
+def _read_file(path: Path, spec: TextClassificationSpec, split: str) -> Dataset:
     if not path.is_file():
         raise DataFileError(
             f"Dataset file not found: {path} (dataset '{spec.name}', split '{split}'). "
@@ -129,14 +169,15 @@ def read_split(data_dir: Path, spec: TextClassificationSpec, split: str) -> Data
     columns: dict[str, list] = {name: [] for name in spec.text_columns}
     labels: list[int] = []
     with path.open(encoding=spec.encoding, newline="") as handle:
-        # QUOTE_NONE: GLUE TSVs contain bare quotes that are part of the text.
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = csv.DictReader(
+            handle, fieldnames=list(spec.columns) or None, delimiter=spec.delimiter, quoting=spec.quoting
+        )
         missing = [c for c in (*spec.text_columns, spec.label_column) if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: missing columns {missing}; header is {reader.fieldnames}")
-        for line_no, row in enumerate(reader, start=2):
+        for line_no, row in enumerate(reader, start=1 if spec.columns else 2):
             try:
-                label = int(row[spec.label_column])
+                label = int(row[spec.label_column]) + spec.label_offset
             except (TypeError, ValueError) as err:
                 raise ValueError(f"{path}:{line_no}: bad label {row[spec.label_column]!r}") from err
             if not 0 <= label < spec.num_labels:

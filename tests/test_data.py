@@ -36,6 +36,21 @@ def test_mrpc_pairs_labels_and_bom():
     assert train[0]["#1 String"].startswith("Amrozi accused his brother")
 
 
+def test_ag_news_fixed_held_out_split():
+    spec = data.dataset_spec("ag_news")
+    train = data.read_split(data.REPO_DATA_DIR, spec, "train")
+    held_out = data.read_split(data.REPO_DATA_DIR, spec, "eval")
+    assert (len(train), len(held_out)) == (6600, 1000)
+    rows = lambda ds: set(zip(ds["title"], ds["description"], ds["label"], strict=True))  # noqa: E731
+    assert not rows(train) & rows(held_out)  # disjoint
+    # Labels are 0-based and every class keeps 1,900 rows over the two parts.
+    for label in range(4):
+        assert train["label"].count(label) + held_out["label"].count(label) == 1900
+    # The split does not depend on the run's seed.
+    again = data.server_eval_split(DataSettings(dataset="ag_news"), seed=5)
+    assert list(again["title"]) == list(held_out["title"])
+
+
 def test_missing_data_file_names_the_file_and_key(tmp_path):
     with pytest.raises(data.DataFileError, match=r"sst2/train\.tsv.*data\.dir"):
         data.client_splits(DataSettings(dir=str(tmp_path)), 0, 2, seed=0)
