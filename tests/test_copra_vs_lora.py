@@ -1,0 +1,59 @@
+"""The CopRA-vs-LoRA benchmark: its metric functions, and a --quick smoke run."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks.copra_vs_lora import barrier_at, merge_deficit
+from copra_core.diagnostics import _barrier
+
+
+def test_barrier_at_matches_the_chord_by_hand():
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    curve = [1.0, 1.4, 1.9, 1.7, 2.0]  # client j at alpha 0, client i at alpha 1
+    chord = np.interp(0.5, [0.0, 1.0], [1.0, 2.0])
+    assert barrier_at(curve, alphas, 0.5) == pytest.approx(1.9 - chord)
+    assert barrier_at(curve, alphas, 0.0) == pytest.approx(0.0)
+    # The maximum over the grid is the diagnostics' pairwise barrier.
+    assert max(barrier_at(curve, alphas, a) for a in alphas) == pytest.approx(_barrier(curve, alphas, 2.0, 1.0))
+
+
+def test_merge_deficit_is_weighted_mean_minus_merged():
+    accuracies, weights = [0.9, 0.6, 0.75], [100, 300, 600]
+    expected = np.average(accuracies, weights=weights) - 0.7
+    assert merge_deficit(accuracies, weights, 0.7) == pytest.approx(expected)
+    assert merge_deficit([0.5, 0.5], [1, 1], 0.8) == pytest.approx(-0.3)  # merging can help
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_tables_with_numbers(tmp_path):
+    from tests.test_simulation import _run
+
+    out = tmp_path / "results"
+    args = [sys.executable, "-m", "benchmarks.copra_vs_lora", "--quick", "--seeds", "0", "--out", str(out)]
+    proc = _run(args, tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in (
+        "copra_vs_lora_quick.md",
+        "copra_vs_lora_quick.json",
+        "copra_vs_lora_quick_curves.png",
+        "copra_vs_lora_quick_rounds.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "copra_vs_lora_quick.json").read_text())
+    assert len(summary["one_shot"]) == 6  # 3 regimes x 2 methods on SST-2
+    assert set(summary["multi_round"]) == {"copra/float32", "copra/float16", "lora/float32", "lora/float16"}
+    # fp16 transport halves the upload.
+    up32 = summary["multi_round"]["lora/float32"]["bytes_up_per_client"]
+    up16 = summary["multi_round"]["lora/float16"]["bytes_up_per_client"]
+    assert up16 == pytest.approx(up32 / 2, rel=0.01)
+    table = [line for line in (out / "copra_vs_lora_quick.md").read_text().splitlines() if line.startswith("| sst2")]
+    assert len(table) == 6
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")][3:]
+        assert all(re.fullmatch(r"-?\d+\.\d+", c.split(" ")[0]) for c in cells), line
