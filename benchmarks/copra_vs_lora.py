@@ -54,7 +54,7 @@ BASE: dict[str, object] = {
     "train.batch-size": 16,
     "train.lr": 5e-3,
     "train.lr-schedule": "constant",
-    "data.eval-size": 300,
+    "data.eval-size": 200,
     "data.val-max": 16,
     "diagnostics.sample-size": 64,
     "diagnostics.grid": "0,0.25,0.5,0.75,1",
