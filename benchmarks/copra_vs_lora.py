@@ -440,7 +440,7 @@ def write_markdown(summary: dict, command: str, overrides: dict, seeds: list[int
         lines += ["", "![rounds](copra_vs_lora_rounds.png)", ""]
     lines += ["## Targets, as measured", "", "| figure | value |", "|---|---|"]
     for name, value in summary["targets"].items():
-        lines.append(f"| {name} | {'n/a (LoRA barrier <= 0)' if value is None else f'{value:+.3f}'} |")
+        lines.append(f"| {name} | {'n/a (LoRA value <= 0: no ratio)' if value is None else f'{value:+.3f}'} |")
     lines.append("")
     atomic_write_text(path, "\n".join(lines))
 
