@@ -52,8 +52,11 @@ def test_quick_benchmark_writes_tables_with_numbers(tmp_path):
     up32 = summary["multi_round"]["lora/float32"]["bytes_up_per_client"]
     up16 = summary["multi_round"]["lora/float16"]["bytes_up_per_client"]
     assert up16 == pytest.approx(up32 / 2, rel=0.01)
-    table = [line for line in (out / "copra_vs_lora_quick.md").read_text().splitlines() if line.startswith("| sst2")]
+    lines = (out / "copra_vs_lora_quick.md").read_text().splitlines()
+    table = [line for line in lines if line.startswith("| sst2 |")]
     assert len(table) == 6
     for line in table:
         cells = [c.strip() for c in line.strip("|").split("|")][3:]
         assert all(re.fullmatch(r"-?\d+\.\d+", c.split(" ")[0]) for c in cells), line
+    targets = [line for line in lines if line.startswith("| sst2/") or line.startswith("| multi-round")]
+    assert targets and all(re.search(r"\| [-+]?\d+\.\d+ \||n/a", line) for line in targets), targets
