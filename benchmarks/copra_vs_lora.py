@@ -390,7 +390,8 @@ def write_markdown(summary: dict, command: str, overrides: dict, seeds: list[int
     lines = [
         "# CopRA vs plain LoRA in federation",
         "",
-        f"Command: `{command}` ({minutes:.0f} min on this machine). Seeds {seeds}; every figure is mean ± std "
+        f"Command: `{command}` ({minutes:.0f} min of run time on this machine, the sum over the cached runs). "
+        f"Seeds {seeds}; every figure is mean ± std "
         "over seeds. Shared setting: " + ", ".join(f"`{k}={v}`" for k, v in {**BASE, **overrides}.items()) + ".",
         "",
         "AG News: only the official test file is available offline; copra-fl splits it once into "
@@ -403,6 +404,9 @@ def write_markdown(summary: dict, command: str, overrides: dict, seeds: list[int
         + "; ".join(f"`{r}`: " + ", ".join(f"`{k}={v}`" for k, v in s.items()) for r, s in ONE_SHOT.items())
         + ". Accuracy on the evaluation set; Jensen gaps and barriers in nats on the diagnostic sample "
         "(positive = the merged/interpolated adapter is worse than its clients).",
+        "",
+        "Merge deficit: the clients' example-weighted mean accuracy minus the merged adapter's "
+        "(the clients column is the plain mean).",
         "",
         "| dataset | regime | method | clients (mean) | merged | merge deficit | Jensen factor | Jensen product "
         "| barrier α=0.5 | barrier max | merged, every other block pruned | merged, last half pruned "
@@ -456,7 +460,6 @@ def main() -> None:
     raw_dir = args.out / f"{name}_raw"
     overrides = dict(QUICK) if args.quick else {}
     datasets = ("sst2",) if args.quick else DATASETS
-    started = time.perf_counter()
     one_shots = []
     for dataset in datasets:
         for regime in ONE_SHOT:
@@ -492,7 +495,8 @@ def main() -> None:
     atomic_write_text(args.out / f"{name}.json", json.dumps(summary, indent=1))
     plot_curves(one_shots, args.out / f"{name}_curves.png")
     plot_rounds(summary, summary.get("centralised"), args.out / f"{name}_rounds.png")
-    write_markdown(summary, command, overrides, seeds, (time.perf_counter() - started) / 60, args.out / f"{name}.md")
+    run_seconds = sum(x["seconds"] for x in [*one_shots, *rounds, *central])
+    write_markdown(summary, command, overrides, seeds, run_seconds / 60, args.out / f"{name}.md")
     print((args.out / f"{name}.md").read_text())
 
 
