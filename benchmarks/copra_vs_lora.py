@@ -454,7 +454,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds.")
     parser.add_argument("--quick", action="store_true", help="2-layer model, SST-2, fewer steps (a few minutes).")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="Output folder.")
+    parser.add_argument(
+        "--report-only", action="store_true", help="Only summarise the runs already cached (run nothing new)."
+    )
     args = parser.parse_args()
+
+    def skip(cache: str) -> bool:
+        return args.report_only and not (raw_dir / cache).exists()
+
     seeds = [int(s) for s in args.seeds.split(",")]
     name = "copra_vs_lora_quick" if args.quick else "copra_vs_lora"
     raw_dir = args.out / f"{name}_raw"
@@ -465,6 +472,8 @@ def main() -> None:
         for regime in ONE_SHOT:
             for seed in seeds:
                 for method in METHODS:
+                    if skip(f"oneshot-{dataset}-{regime.replace('/', '-')}-{method}-seed{seed}.json"):
+                        continue
                     shot_overrides = dict(overrides)
                     if args.quick:  # a few steps only: the quick run checks the pipeline, not the claims
                         shot_overrides["train.local-steps"] = 4 if regime.startswith("default") else 8
@@ -481,13 +490,16 @@ def main() -> None:
     for seed in seeds:
         for method in METHODS:
             for transport in ("float32", "float16"):
+                if skip(f"rounds-{method}-{transport}-seed{seed}.json"):
+                    continue
                 result = multi_round(method, seed, transport, round_overrides, raw_dir)
                 print(
                     f"rounds {method:5s} {transport} seed {seed}: {result['rows'][-1]['global/accuracy']:.3f}",
                     flush=True,
                 )
                 rounds.append(result)
-        central.append(centralised(seed, round_overrides, raw_dir))
+        if not skip(f"centralised-seed{seed}.json"):
+            central.append(centralised(seed, round_overrides, raw_dir))
     summary = summarise(one_shots, rounds, central)
     command = "python -m benchmarks.copra_vs_lora" + (" --quick" if args.quick else "")
     if args.seeds != "0,1,2":
