@@ -408,14 +408,15 @@ def write_markdown(summary: dict, command: str, overrides: dict, seeds: list[int
         "Merge deficit: the clients' example-weighted mean accuracy minus the merged adapter's "
         "(the clients column is the plain mean).",
         "",
-        "| dataset | regime | method | clients (mean) | merged | merge deficit | Jensen factor | Jensen product "
-        "| barrier α=0.5 | barrier max | merged, every other block pruned | merged, last half pruned "
+        "| dataset | regime | method | seeds | clients (mean) | merged | merge deficit | Jensen factor "
+        "| Jensen product | barrier α=0.5 | barrier max | merged, every other block pruned | merged, last half pruned "
         "| clients, every other pruned | clients, last half pruned |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for item in summary["one_shot"].values():
         lines.append(
-            f"| {item['dataset']} | {item['regime']} | {item['method']} | {pm(item['clients'])} | {pm(item['merged'])} "
+            f"| {item['dataset']} | {item['regime']} | {item['method']} | {item['seeds']} | {pm(item['clients'])} "
+            f"| {pm(item['merged'])} "
             f"| {pm(item['merge_deficit'])} | {pm(item['jensen_factor'])} | {pm(item['jensen_product'])} "
             f"| {pm(item['barrier_half'])} | {pm(item['barrier_max'])} | {pm(item['merged_every_other'])} "
             f"| {pm(item['merged_last_half'])} | {pm(item['clients_every_other'])} | {pm(item['clients_last_half'])} |"

@@ -56,7 +56,7 @@ def test_quick_benchmark_writes_tables_with_numbers(tmp_path):
     table = [line for line in lines if line.startswith("| sst2 |")]
     assert len(table) == 6
     for line in table:
-        cells = [c.strip() for c in line.strip("|").split("|")][3:]
+        cells = [c.strip() for c in line.strip("|").split("|")][4:]
         assert all(re.fullmatch(r"-?\d+\.\d+", c.split(" ")[0]) for c in cells), line
     targets = [line for line in lines if line.startswith("| sst2/") or line.startswith("| multi-round")]
     assert targets and all(re.search(r"\| [-+]?\d+\.\d+ \||n/a", line) for line in targets), targets
