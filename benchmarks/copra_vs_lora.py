@@ -140,10 +140,12 @@ def one_shot(dataset: str, regime: str, method: str, seed: int, overrides: dict,
     prefix, blocks = find_block_list(bundle.model)
     patterns = {"full": set(), "every_other": every_other_block(len(blocks)), "last_half": last_half(len(blocks))}
     accuracy: dict[str, dict[str, object]] = {}
-    for name, remove in patterns.items():
-        prune = (lambda s: s) if not remove else (lambda s, r=remove: pruned_state(s, r, prefix))
-        clients = [evaluator.factor(prune(s))[task.metric] for s in states]
-        accuracy[name] = {"clients": clients, "merged": evaluator.factor(prune(merged))[task.metric]}
+    for name, remove in patterns.items():  # "full" removes nothing: pruned_state returns a copy
+        clients = [evaluator.factor(pruned_state(s, remove, prefix))[task.metric] for s in states]
+        accuracy[name] = {
+            "clients": clients,
+            "merged": evaluator.factor(pruned_state(merged, remove, prefix))[task.metric],
+        }
     curve = curves[0]
     result = {
         "dataset": dataset,

@@ -96,8 +96,9 @@ class BaseOffsets:
                             f"base offset for '{name}' is {tuple(part.shape)}, weight {tuple(original.shape)}"
                         )
                 scaling = layer.scaling[ADAPTER_NAME]
-                zero = torch.zeros_like(original)
-                learned_part = learned.get(name, zero).to(original.device, original.dtype)
+                learned_part = (
+                    learned[name].to(original.device, original.dtype) if name in learned else torch.zeros_like(original)
+                )
                 total = learned_part + init[name].to(original.device, original.dtype) if name in init else learned_part
                 weight.copy_(original + scaling * total)
                 if name in init:

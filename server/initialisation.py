@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from copra_core.adapters import LORA_A, LORA_B, AdapterState, from_array_record, lora_modules, to_array_record
 from copra_core.config import RunConfig
+from copra_core.diagnostics import normalised_weights
 from copra_core.init import initialiser
 from copra_core.learner import ModelBundle, calibration_gradients
 
@@ -86,13 +87,10 @@ def client_gradients(grid: Grid, config: RunConfig, state: AdapterState) -> tupl
         )
     # A fixed order (by partition), so the sum is reproducible whatever order replies arrive in.
     valid.sort(key=lambda m: m.content.metric_records["metrics"]["partition-id"])
-    counts = [int(m.content.metric_records["metrics"]["num-examples"]) for m in valid]
-    total = float(sum(counts))
-    if total <= 0:
-        raise RuntimeError("init.source=clients: the clients' num-examples sum to zero")
+    weights = normalised_weights([int(m.content.metric_records["metrics"]["num-examples"]) for m in valid])
     expected = {m: (state[m + LORA_B].shape[0], state[m + LORA_A].shape[1]) for m in lora_modules(state)}
     mean: dict[str, torch.Tensor] = {}
-    for reply, count in zip(valid, counts, strict=True):
+    for reply, weight in zip(valid, weights, strict=True):
         gradients = from_array_record(reply.content.array_records["gradients"])
         shapes = {name: tuple(g.shape) for name, g in gradients.items()}
         if shapes != expected:
@@ -102,6 +100,6 @@ def client_gradients(grid: Grid, config: RunConfig, state: AdapterState) -> tupl
                 f"{sorted(set(shapes) - set(expected))[:3]}, or shapes differ)"
             )
         for name, gradient in gradients.items():
-            weighted = gradient.double() * (count / total)
+            weighted = gradient.double() * weight
             mean[name] = mean[name] + weighted if name in mean else weighted
     return {name: value.float() for name, value in mean.items()}, len(valid)

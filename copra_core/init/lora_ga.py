@@ -40,11 +40,7 @@ def gradient_svd(gradient: torch.Tensor, rank: int, method: str = "auto") -> tup
     a random projection from torch's global RNG, so the caller seeds it.
     """
     d_out, d_in = gradient.shape
-    if 2 * rank > min(d_out, d_in):
-        raise ConfigError(
-            f"Config key 'lora.r': LoRA-GA needs 2 * r <= min(d_out, d_in), got r = {rank} for a "
-            f"{d_out} x {d_in} weight"
-        )
+    _require_rank(rank, d_out, d_in, "a")
     g = gradient.to(torch.float32)
     if method == "exact" or (method == "auto" and g.numel() <= EXACT_SVD_MAX_ELEMENTS):
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
@@ -72,12 +68,15 @@ def check_rank(state: Mapping[str, torch.Tensor]) -> None:
     """Fail before any gradient is estimated when a module cannot hold ``2r`` directions."""
     for module in lora_modules(state):
         rank, d_in = state[module + LORA_A].shape
-        d_out = state[module + LORA_B].shape[0]
-        if 2 * rank > min(d_out, d_in):
-            raise ConfigError(
-                f"Config key 'lora.r': LoRA-GA needs 2 * r <= min(d_out, d_in), got r = {rank} for "
-                f"'{module}' ({d_out} x {d_in})"
-            )
+        _require_rank(rank, state[module + LORA_B].shape[0], d_in, f"'{module}'")
+
+
+def _require_rank(rank: int, d_out: int, d_in: int, where: str) -> None:
+    if 2 * rank > min(d_out, d_in):
+        raise ConfigError(
+            f"Config key 'lora.r': LoRA-GA needs 2 * r <= min(d_out, d_in), got r = {rank} for "
+            f"{where} ({d_out} x {d_in}) weight"
+        )
 
 
 def lora_ga_state(
