@@ -131,6 +131,32 @@ def list_strategies() -> None:
         typer.echo(f"{name}\n    {text}")
 
 
+BENCHMARKS = ("aggregation", "copra-vs-lora", "lora-ga-convergence", "overhead", "strategies")
+
+
+@app.command(
+    "benchmark",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def benchmark(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCHMARKS)}.")],
+) -> None:
+    """Run a benchmark from benchmarks/; further arguments go to it (try `copra-fl benchmark NAME --help`)."""
+    import runpy
+    import sys
+
+    if name in ("-h", "--help"):  # help options are passed through to the benchmark, so handle them here
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+    if name not in BENCHMARKS:
+        typer.secho(f"error: unknown benchmark '{name}'; choose from {', '.join(BENCHMARKS)}", fg="red", err=True)
+        raise typer.Exit(2)
+    module = "benchmarks." + name.replace("-", "_")
+    sys.argv = [f"copra-fl benchmark {name}", *ctx.args]
+    runpy.run_module(module, run_name="__main__")
+
+
 def main() -> None:
     # Flower reads these at import time; set them before anything imports flwr.
     for key, value in FLOWER_ENV.items():

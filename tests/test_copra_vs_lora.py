@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,12 +31,24 @@ def test_merge_deficit_is_weighted_mean_minus_merged():
     assert merge_deficit([0.5, 0.5], [1, 1], 0.8) == pytest.approx(-0.3)  # merging can help
 
 
+def test_cli_benchmark_names_unknown_benchmarks():
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    result = CliRunner().invoke(app, ["benchmark", "copra_vs_lora"])  # underscore: not the CLI name
+    assert result.exit_code == 2
+    assert "unknown benchmark 'copra_vs_lora'" in result.output and "copra-vs-lora" in result.output
+
+
 @pytest.mark.slow
 def test_quick_benchmark_writes_tables_with_numbers(tmp_path):
     from tests.test_simulation import _run
 
     out = tmp_path / "results"
-    args = [sys.executable, "-m", "benchmarks.copra_vs_lora", "--quick", "--seeds", "0", "--out", str(out)]
+    # Through the installed CLI, as the README shows it.
+    copra_fl = str(Path(sys.executable).with_name("copra-fl"))
+    args = [copra_fl, "benchmark", "copra-vs-lora", "--quick", "--seeds", "0", "--out", str(out)]
     proc = _run(args, tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in (

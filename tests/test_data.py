@@ -78,3 +78,24 @@ def test_unknown_dataset_and_partition_errors():
         data.dataset_spec("imagenet")
     with pytest.raises(ValueError, match=r"data\.partition"):
         data.make_partitioner(DataSettings(partition="zipf"), 2, 0)
+
+
+def test_lazy_encoding_matches_batch_tokenisation():
+    """Client examples are encoded on access; they must equal the tokenizer's batch output."""
+    from copra_core.config import RunConfig
+    from copra_core.tasks.sequence_classification import SequenceClassificationTask, _tokenizer
+
+    config = RunConfig.from_flat({"data.dataset": "mrpc", "model.max-length": 24, "federation.clients": 4})
+    task = SequenceClassificationTask(config)
+    train, _ = data.client_splits(config.data, 1, 4, config.seed)
+    rows = train.select(range(40))
+    lazy = task._encode(rows)
+    batch = _tokenizer(task.model_path)(
+        list(rows["#1 String"]), list(rows["#2 String"]), truncation=True, max_length=24
+    )
+    assert len(lazy) == 40
+    assert [lazy[i]["input_ids"] for i in range(40)] == batch["input_ids"]
+    assert [e["label"] for e in lazy[-3:]] == list(rows["label"])[-3:]
+    assert max(len(ids) for ids in batch["input_ids"]) == 24  # truncation was exercised
+    with pytest.raises(IndexError):
+        lazy[40]

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from copra_core import data
 from copra_core.model_loading import load_pretrained, quiet_transformers
-from copra_core.tasks.base import Batch, Task
+from copra_core.tasks.base import Batch, LazyEncoded, Task
 
 Example = dict[str, list[int] | int]
 
@@ -40,14 +40,17 @@ class SequenceClassificationTask(Task):
         )
 
     # ------------------------------------------------------------------ data
-    def _encode(self, dataset) -> list[Example]:
+    def _encode(self, dataset) -> LazyEncoded:
         tokenizer = _tokenizer(self.model_path)
-        columns = [list(dataset[c]) for c in self.spec.text_columns]
-        encoded = tokenizer(*columns, truncation=True, max_length=self.config.model.max_length)
-        return [
-            {"input_ids": ids, "label": label}
-            for ids, label in zip(encoded["input_ids"], list(dataset["label"]), strict=True)
-        ]
+        columns = [dataset[c][:] for c in self.spec.text_columns]  # [:] = one Arrow read, not row by row
+        labels = dataset["label"][:]
+        max_length = self.config.model.max_length
+
+        def encode(i: int) -> Example:
+            ids = tokenizer(*(column[i] for column in columns), truncation=True, max_length=max_length)["input_ids"]
+            return {"input_ids": ids, "label": labels[i]}
+
+        return LazyEncoded(len(labels), encode)
 
     def client_examples(self, partition_id: int, num_partitions: int) -> tuple[list[Example], list[Example]]:
         train, val = data.client_splits(self.config.data, partition_id, num_partitions, self.config.seed)
