@@ -157,8 +157,37 @@ class FederationSettings:
         "(then it stops with an error naming both numbers).",
         default=120.0,
     )
+    round_timeout_s: float = _help(
+        "Seconds the server waits for a round's replies; a client that has not answered by then "
+        "counts as dropped and the round goes on with the replies it has.",
+        default=3600.0,
+    )
+    resume: bool = _help(
+        "Continue from the checkpoint in out-dir (written after every round) instead of starting "
+        "afresh; every other key must equal the checkpoint's.",
+        default=False,
+    )
     client_cpus: float = _help("Simulation: CPUs reserved per client (Ray).", default=1.0)
     client_gpus: float = _help("Simulation: GPUs per client (0.25 packs four clients on one GPU).", default=0.0)
+
+
+@dataclass
+class ScreeningSettings:
+    enabled: bool = _help(
+        "Check every client reply before aggregation (finite values, keys, shapes, dtype, update norm, "
+        "num-examples); a failing reply is logged with its reason and left out of aggregation and diagnostics.",
+        default=True,
+    )
+    max_norm_ratio: float = _help(
+        "Reject a reply whose update norm ||client - global|| exceeds this multiple of the median norm of "
+        "the round's other replies (0 = no norm check; needs at least 2 replies).",
+        default=10.0,
+    )
+    max_num_examples: int = _help(
+        "Reject a reply claiming more training examples than this (0 = no cap; counts are otherwise "
+        "only checked to be whole and positive).",
+        default=0,
+    )
 
 
 @dataclass
@@ -196,6 +225,7 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
+    screening: ScreeningSettings = field(default_factory=ScreeningSettings)
     diagnostics: DiagnosticsSettings = field(default_factory=DiagnosticsSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
 
@@ -272,6 +302,9 @@ class RunConfig:
             (0 < self.copra.full_at <= 1, "copra.full-at", "must be in (0, 1]"),
             (self.train.local_steps > 0, "train.local-steps", "must be > 0"),
             (self.train.batch_size > 0, "train.batch-size", "must be > 0"),
+            (self.federation.round_timeout_s > 0, "federation.round-timeout-s", "must be > 0"),
+            (self.screening.max_norm_ratio >= 0, "screening.max-norm-ratio", "must be >= 0 (0 = off)"),
+            (self.screening.max_num_examples >= 0, "screening.max-num-examples", "must be >= 0 (0 = no cap)"),
             (self.train.lr > 0, "train.lr", "must be > 0"),
             (self.train.head_lr >= 0, "train.head-lr", "must be >= 0"),
             (

@@ -57,13 +57,19 @@ def _json_safe(value: Any) -> Any:
 class MetricsLog:
     """Append-only metrics.jsonl; the file is rewritten atomically on every row."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, rows: Sequence[dict[str, Any]] = ()) -> None:
+        """``rows``: the rows so far of a resumed run (the file is rewritten with them)."""
         self.path = path
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = [dict(r) for r in rows]
+        if self.rows:
+            self._write()
 
     def append(self, row: dict[str, Any]) -> None:
         full = {key: row.get(key, float("nan")) for key in ROUND_KEYS} | row
         self.rows.append(full)
+        self._write()
+
+    def _write(self) -> None:
         text = "".join(json.dumps(_json_safe(r), sort_keys=False) + "\n" for r in self.rows)
         atomic_write_text(self.path, text)
 

@@ -3,6 +3,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# docker-compose validates docker-compose.yml in the tests (no Docker engine is needed for that).
+if ! command -v docker-compose >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[test] installing docker-compose (Debian package)" >&2
+    apt-get install -y -q --no-install-recommends docker-compose >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends docker-compose >/dev/null; }
+  else
+    echo "[test] docker-compose is missing: install it (e.g. apt-get install docker-compose); its tests will fail" >&2
+  fi
+fi
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 .venv/bin/ruff format --check .
 .venv/bin/ruff check .

@@ -2,16 +2,18 @@
 
 Read top to bottom, a run is: validate the config; load the server's copy of the model
 and its fixed evaluation sets; resolve and dry-run the aggregation rule; compute the
-initial adapter once (round 0: LoRA-GA's gradient estimate, ``server/initialisation.py``); let Flower's
-FedAvg loop send the global adapter, collect client adapters, aggregate them with the
-rule and measure the barrier diagnostics (``server/strategy.py``); after each round,
-evaluate the global adapter and write one row of metrics.jsonl; at the end export the
-adapter in PEFT format and write report.md with plots.
+initial adapter once (round 0: LoRA-GA's gradient estimate, ``server/initialisation.py``)
+or, resuming, load the last checkpoint; let Flower's FedAvg loop send the global
+adapter, collect client adapters, screen them, aggregate them with the rule and measure
+the barrier diagnostics (``server/strategy.py``); after each round, evaluate the global
+adapter, write one row of metrics.jsonl and a checkpoint; at the end export the adapter
+in PEFT format and write report.md with plots.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +24,14 @@ from flwr.serverapp import Grid, ServerApp
 import strategies
 from copra_core.adapters import AdapterState, export_adapter, set_adapter_state
 from copra_core.base_offset import save_offsets
+from copra_core.checkpoint import (
+    FILE_NAME,
+    Checkpoint,
+    check_resumable,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from copra_core.config import RunConfig
 from copra_core.diagnostics import round_diagnostics
 from copra_core.evaluator import ServerEvaluator
@@ -74,6 +84,11 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
         config.update(dict(rule.client_overrides))
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = None
+    if config.federation.resume:
+        checkpoint = load_checkpoint(out_dir)
+        check_resumable(checkpoint, config.to_flat(), out_dir / FILE_NAME)
+        log.info("resuming %s after round %d", out_dir, checkpoint.round)
     atomic_write_text(out_dir / "config.json", config.to_json())
 
     bundle = model_bundle(config)
@@ -109,32 +124,54 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
         metrics["curves"] = [vars(c) | {"pair": list(c.pair)} for c in curves]
         return metrics
 
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", rows=checkpoint.metrics if checkpoint else ())
     wait_for_nodes(grid, config.federation.clients, config.federation.wait_for_nodes_s)
-    # Round 0: the initial adapter (LoRA-GA: from a gradient estimate) and its base offsets.
-    initial_state, init_offsets, init_metrics = initial_adapter(grid, config, bundle, seeded_state)
+    if checkpoint is None:
+        # Round 0: the initial adapter (LoRA-GA: from a gradient estimate) and its base offsets.
+        initial_state, init_offsets, init_metrics = initial_adapter(grid, config, bundle, seeded_state)
+    else:
+        initial_state = checkpoint.tensors["initial"] or seeded_state
+        init_offsets, init_metrics = checkpoint.tensors["init_offsets"], {}
 
     strategy = AdapterFedAvg(
         rule=rule,
-        initial_state=initial_state,
+        initial_state=checkpoint.tensors["global"] if checkpoint else initial_state,
         transport_dtype=config.federation.transport_dtype,
         diagnostics=diagnostics if config.diagnostics.enabled else None,
         on_base_offset=lambda offsets: bundle.base_offsets.apply(bundle.model, offsets),
         base_checksum=lambda: bundle.base_offsets.checksum(bundle.model),
+        screening=config.screening,
         fraction_train=config.federation.fraction_train,
         fraction_evaluate=config.federation.fraction_evaluate,
         min_train_nodes=config.federation.min_train_nodes,
         min_evaluate_nodes=min(config.federation.min_train_nodes, config.federation.clients),
-        min_available_nodes=max(config.federation.min_train_nodes, config.federation.clients),
+        # wait_for_nodes above waited for all clients once; later rounds go on with the live
+        # nodes (a dropped node must not stall the federation) as long as enough remain.
+        min_available_nodes=config.federation.min_train_nodes,
     )
     if init_offsets:
         strategy.set_init_offsets(init_offsets)
         bundle.base_offsets.apply(bundle.model, strategy.offsets)
         # The clients report the same checksum of their bases every round (clients/base_crc32).
         init_metrics["init/base_crc32"] = bundle.base_offsets.checksum(bundle.model)
+    if checkpoint is not None:
+        rule.load_state_dict(checkpoint.tensors["rule"])
+        strategy.resume(checkpoint.round, checkpoint.tensors["rule_offsets"])
+        bundle.base_offsets.apply(bundle.model, strategy.offsets)
+        restore_rng(checkpoint)
+    else:
+        random.seed(config.seed)  # Flower samples nodes with Python's random module
 
-    def end_of_round(server_round: int, arrays) -> MetricRecord:
-        """Flower calls this after every round (and once before round 1): evaluate and record."""
+    def write_checkpoint(server_round: int) -> None:
+        tensors = {"global": strategy.current, "init_offsets": strategy.init_offsets, "rule": rule.state_dict()}
+        tensors |= {"rule_offsets": strategy.rule_offsets, "initial": initial_state if init_offsets else {}}
+        save_checkpoint(out_dir, Checkpoint(server_round, config.to_flat(), tensors, metrics_log.rows))
+
+    def end_of_round(flower_round: int, arrays) -> MetricRecord | None:
+        """Flower calls this after every round (and once before round 1): evaluate, record, checkpoint."""
+        server_round = flower_round + strategy.completed_rounds
+        if checkpoint is not None and flower_round == 0:
+            return None  # resumed: this round's row and checkpoint exist already
         result = global_eval.factor(strategy.current)
         row: dict = {"round": server_round}
         row.update({f"global/{k}": v for k, v in result.items()})
@@ -144,6 +181,7 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
             row.update({k: v for k, v in strategy.round_metrics.items() if not k.startswith("_")})
             row["time/round_s"] = time.perf_counter() - strategy.round_metrics["_t_start"]
         metrics_log.append(row)
+        write_checkpoint(server_round)
         for observer in observers:
             observer(row)
         return MetricRecord({f"global/{k}": v for k, v in result.items()})
@@ -152,7 +190,8 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
     strategy.start(
         grid=grid,
         initial_arrays=strategy.initial_arrays(),
-        num_rounds=config.federation.rounds,
+        num_rounds=config.federation.rounds - strategy.completed_rounds,
+        timeout=config.federation.round_timeout_s,
         train_config=train_config,
         evaluate_config=ConfigRecord(config.to_flat()),
         evaluate_fn=end_of_round,

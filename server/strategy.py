@@ -26,6 +26,8 @@ from copra_core.adapters import (
 )
 from copra_core.base_offset import RECORD_KEY as OFFSETS_KEY
 from copra_core.base_offset import module_of
+from copra_core.config import ScreeningSettings
+from copra_core.screening import check_update, norm_outliers, update_norm
 from strategies.base import AggregationRule, ClientUpdate, StrategyContractError
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ class AdapterFedAvg(FedAvg):
         Applies the rule's new base offsets to the server's own model after a round.
     base_checksum : callable, optional
         CRC32 of the server's own offset base; every client's must equal it.
+    screening : ScreeningSettings, optional
+        Checks on every reply (``copra_core/screening.py``); a failing reply is logged and
+        left out. None = no screening: a malformed reply then stops the run with an error.
     **fedavg_kwargs
         Passed to Flower's ``FedAvg`` (sampling fractions and minimum node counts).
     """
@@ -64,6 +69,7 @@ class AdapterFedAvg(FedAvg):
         diagnostics: DiagnosticsHook | None = None,
         on_base_offset: Callable[[AdapterState], None] | None = None,
         base_checksum: Callable[[], int] | None = None,
+        screening: ScreeningSettings | None = None,
         **fedavg_kwargs: float | int,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -72,6 +78,7 @@ class AdapterFedAvg(FedAvg):
         self.diagnostics = diagnostics
         self.on_base_offset = on_base_offset
         self.base_checksum = base_checksum
+        self.screening = screening
         #: Base offsets every client currently applies (always fp32 on the wire: part of the base):
         #: the initialisation's (LoRA-GA, fixed) and the rule's (residual, per round), and their
         #: encoded record, built once per change and attached to every message.
@@ -81,6 +88,16 @@ class AdapterFedAvg(FedAvg):
         # What the clients receive, decoded: the reference every reply is checked against.
         self.current: AdapterState = from_array_record(to_array_record(initial_state, transport_dtype))
         self.round_metrics: dict = {}
+        #: Rounds completed before this ``start`` (a resumed run): Flower numbers the rounds
+        #: of each ``start`` from 1, the clients and the metrics need the run's own numbers.
+        self.completed_rounds = 0
+        self._sampled: set[int] = set()
+
+    def resume(self, completed_rounds: int, rule_offsets: AdapterState) -> None:
+        """Continue after ``completed_rounds`` with the rule's offsets of that moment (from a checkpoint)."""
+        self.completed_rounds = completed_rounds
+        self.rule_offsets = dict(rule_offsets)
+        self._encode_offsets()
 
     def initial_arrays(self) -> ArrayRecord:
         return to_array_record(self.current, self.transport_dtype)
@@ -102,17 +119,20 @@ class AdapterFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.completed_rounds
         self.round_metrics = {"_t_start": time.perf_counter()}
         messages = self._with_offsets(super().configure_train(server_round, arrays, config, grid))
         # Adapter plus base offsets, if any: every message carries the same records.
         per_client = sum(array_record_nbytes(r) for r in messages[0].content.array_records.values()) if messages else 0
         self.round_metrics["comm/bytes_down"] = per_client * len(messages)
         self.round_metrics["clients/sampled"] = len(messages)
+        self._sampled = {m.metadata.dst_node_id for m in messages}
         return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.completed_rounds
         return self._with_offsets(super().configure_evaluate(server_round, arrays, config, grid))
 
     def _with_offsets(self, messages: Iterable[Message]) -> list[Message]:
@@ -126,9 +146,24 @@ class AdapterFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        server_round += self.completed_rounds
+        screening = self.screening is not None and self.screening.enabled
+        # Flower's own consistency check raises on the first odd reply and so ends the run;
+        # screening checks each reply instead and leaves out only the odd ones.
+        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=not screening)
         self.round_metrics["clients/failed"] = len(errors)
-        if not valid:
+        self._log_missing(server_round, valid)
+        if screening:
+            valid = self._screen(server_round, valid)
+        if len(valid) < max(self.min_train_nodes, 1):
+            # Too few usable replies: keep the global adapter rather than average a handful.
+            log.warning(
+                "round %s: %d usable replies < min_train_nodes=%d, global adapter unchanged",
+                server_round,
+                len(valid),
+                self.min_train_nodes,
+            )
+            self.round_metrics["round/skipped"] = 1
             return None, None
 
         # A fixed order (by partition), so aggregation and diagnostics are reproducible.
@@ -202,6 +237,68 @@ class AdapterFedAvg(FedAvg):
             if server not in sums.values():
                 raise RuntimeError(f"clients' base weights differ from the server's (CRC32 {server}; clients: {sums})")
 
+    def _log_missing(self, server_round: int, valid: Sequence[Message]) -> None:
+        """Name the sampled nodes without a usable reply (dropped, timed out or failed)."""
+        missing = sorted(self._sampled - {m.metadata.src_node_id for m in valid})
+        self.round_metrics["clients/missing"] = len(missing)
+        if missing:
+            self.round_metrics["clients/missing_nodes"] = missing
+            log.warning(
+                "round %s: no reply from %d of %d sampled nodes %s; aggregating the %d replies received",
+                server_round,
+                len(missing),
+                len(self._sampled),
+                missing,
+                len(valid),
+            )
+
+    def _screen(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Drop replies that fail the checks, logging who and why (``clients/rejected``)."""
+        assert self.screening is not None
+        reasons: dict[int, str] = {}
+        norms: dict[int, float] = {}
+        for index, msg in enumerate(replies):
+            arrays, metric_records = msg.content.array_records, msg.content.metric_records
+            if list(arrays) != [self.arrayrecord_key] or list(metric_records) != ["metrics"]:
+                reasons[index] = (
+                    f"expected records '{self.arrayrecord_key}' and 'metrics', "
+                    f"got {list(arrays)} and {list(metric_records)}"
+                )
+                continue
+            # One reply decoded at a time: screening does not hold every client's adapter.
+            record = arrays[self.arrayrecord_key]
+            state = from_array_record(record)
+            metrics = metric_records["metrics"]
+            reason = check_update(
+                state,
+                self.current,
+                {k: a.dtype for k, a in record.items()},
+                self.transport_dtype,
+                metrics.get(self.weighted_by_key),
+                self.screening.max_num_examples,
+            )
+            if reason is None:
+                norms[index] = update_norm(state, self.current)
+            else:
+                reasons[index] = reason
+        reasons.update(norm_outliers(norms, self.screening.max_norm_ratio))
+        rejected = []
+        for index, reason in sorted(reasons.items()):
+            msg = replies[index]
+            partition = msg.content.metric_records.get("metrics", {}).get("partition-id", -1)
+            log.warning(
+                "round %s: rejected the reply of node %s (partition %s): %s",
+                server_round,
+                msg.metadata.src_node_id,
+                partition,
+                reason,
+            )
+            rejected.append({"node-id": msg.metadata.src_node_id, "partition-id": partition, "reason": reason})
+        self.round_metrics["clients/rejected"] = len(rejected)
+        if rejected:
+            self.round_metrics["clients/rejections"] = rejected
+        return [msg for index, msg in enumerate(replies) if index not in reasons]
+
     def _client_update(self, msg: Message) -> ClientUpdate:
         """Decode one reply and check it against the global adapter (naming the client)."""
         state = from_array_record(msg.content.array_records[self.arrayrecord_key])
@@ -211,6 +308,7 @@ class AdapterFedAvg(FedAvg):
         return ClientUpdate(node_id=node, state=state, num_examples=int(metrics[self.weighted_by_key]), metrics=metrics)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.completed_rounds
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self.round_metrics.update({f"federated/{k}": v for k, v in metrics.items() if k != "num-examples"})

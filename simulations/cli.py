@@ -47,14 +47,21 @@ def simulate(
         typer.Option("--set", help="Config override key=value (repeatable); see `copra-fl config`."),
     ] = None,
     quick: Annotated[bool, typer.Option(help="Smoke run of about a minute (2-layer model, small samples).")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue the run in this folder from its last checkpoint (written after every round). "
+            "Give the original command's options: a config that differs is refused, naming the keys."
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
     display: Annotated[bool, typer.Option(help="Live progress bar and per-round table.")] = True,
 ) -> None:
     """Run a simulated federation; with no options, the demo (4 non-IID clients, CopRA, linear)."""
     try:
         config = scenario_config("quick" if quick else "demo")
-        config.out_dir = str(out)
-        overrides: dict[str, object] = {}
+        config.out_dir = str(resume if resume is not None else out)
+        overrides: dict[str, object] = {"federation.resume": resume is not None}
         if rounds is not None:
             overrides["federation.rounds"] = rounds
         if clients is not None:

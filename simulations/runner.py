@@ -29,10 +29,15 @@ def preflight(config: RunConfig) -> None:
     """Fail fast, before Ray starts, on anything that would fail in round 1."""
     import strategies
     from copra_core import data
+    from copra_core.checkpoint import FILE_NAME, check_resumable, load_checkpoint
     from copra_core.model_loading import resolve_model_path
 
     config.validate()
-    strategies.build(config.strategy.name, config.strategy.options)
+    rule = strategies.build(config.strategy.name, config.strategy.options)
+    if config.federation.resume:
+        expected = RunConfig.from_flat(config.to_flat())
+        expected.update(dict(rule.client_overrides))  # the server applies them before saving its config
+        check_resumable(load_checkpoint(Path(config.out_dir)), expected.to_flat(), Path(config.out_dir) / FILE_NAME)
     spec = data.dataset_spec(config.data.dataset)
     data_dir = data.resolve_data_dir(config.data)
     for split in ("train", "eval"):

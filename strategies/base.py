@@ -31,6 +31,10 @@ Optional parts of the contract:
 * ``base_offset()``: offsets of the frozen base weights the rule maintains (FedEx-LoRA's
   residual; ``copra_core/base_offset.py``). The server sends them with every message,
   every client applies them, and the diagnostics count them as part of the aggregate.
+* ``state_dict()`` / ``load_state_dict()``: a stateful rule (server optimiser moments,
+  residual offsets) returns everything it needs to continue as tensors; the server puts
+  them in each round's checkpoint and a resumed run loads them, so it continues exactly
+  as the uninterrupted run would. A stateless rule keeps the defaults.
 """
 
 from __future__ import annotations
@@ -77,6 +81,17 @@ class AggregationRule(ABC):
     def base_offset(self) -> Mapping[str, torch.Tensor]:
         """Cumulative base-weight offsets, ``<module>.base_offset`` -> d_out x d_in (none by default)."""
         return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything this rule carries between rounds, as tensors (for checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` returned (a resumed run)."""
+        if state:
+            raise StrategyContractError(
+                f"strategy {type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)[:3]}"
+            )
 
 
 def example_weights(updates: Sequence[ClientUpdate], rule: str) -> list[float]:

@@ -56,3 +56,9 @@ class DareMerge(AggregationRule):
                     merged = merge_utils.dare_linear(deltas, weights, self.density)
                 out[key] = (reference.to(torch.float32) + merged).to(reference.dtype)
         return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"round": torch.tensor(self._round, dtype=torch.int64)}  # the masks' seed depends on it
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._round = int(state["round"])

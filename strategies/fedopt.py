@@ -78,6 +78,20 @@ class _ServerOptimiser(AggregationRule):
             for k, a in stepped.items()
         }
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"round": torch.tensor(self._round, dtype=torch.int64)}
+        for moment in ("m_t", "v_t"):
+            for key, value in (getattr(self.optimiser, moment) or {}).items():
+                state[f"{moment}/{key}"] = torch.from_numpy(np.array(value))
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._round = int(state["round"])
+        for moment in ("m_t", "v_t"):
+            prefix = moment + "/"
+            values = {k[len(prefix) :]: v.numpy().copy() for k, v in state.items() if k.startswith(prefix)}
+            setattr(self.optimiser, moment, values or None)
+
 
 class FedAdamRule(_ServerOptimiser):
     """FedAdam: Adam on the server over the averaged adapter update (Flower's FedAdam)."""

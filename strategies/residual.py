@@ -59,3 +59,9 @@ class ResidualFold(LinearAveraging):
 
     def round_metrics(self) -> dict[str, float]:
         return {"residual_norm": self.last_residual_norm}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.offsets)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.offsets = {k: v.to(torch.float32).clone() for k, v in state.items()}

@@ -49,7 +49,7 @@ RUN_CONFIG: dict[str, object] = {
 CLIENTS = int(RUN_CONFIG["federation.clients"])
 
 
-def _run_config(out_dir: Path) -> str:
+def _run_config(out_dir: Path, extra: dict[str, object] | None = None) -> str:
     """``k=v`` pairs for ``--run-config``: TOML values, strings in single quotes (literal)."""
 
     def toml(value: object) -> str:
@@ -59,7 +59,8 @@ def _run_config(out_dir: Path) -> str:
             return f"'{value}'"
         return repr(value)
 
-    return " ".join(f"{k}={toml(v)}" for k, v in {**RUN_CONFIG, "out-dir": str(out_dir)}.items())
+    items = {**RUN_CONFIG, **(extra or {}), "out-dir": str(out_dir)}
+    return " ".join(f"{k}={toml(v)}" for k, v in items.items())
 
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
@@ -119,10 +120,12 @@ def exported_accuracy(run_dir: Path) -> float:
     return correct / len(examples)
 
 
-FAULTY_CLIENT = textwrap.dedent(
+FAULTY_CLIENTS = textwrap.dedent(
     """
     import sys
-    from flwr.app import ArrayRecord, Message, RecordDict
+
+    import torch
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     import client.app as real
@@ -131,30 +134,84 @@ FAULTY_CLIENT = textwrap.dedent(
 
     app = ClientApp()
 
+    def fault(partition, arrays, metrics):
+        # Partitions 0 and 1 are honest; each other partition sends one kind of bad update.
+        first = next(iter(arrays))
+        if partition == 2:
+            arrays[first] = torch.full_like(arrays[first], float("nan"))
+        elif partition == 3:
+            arrays["bogus." + first] = arrays.pop(first)
+        elif partition == 4:
+            arrays[first] = arrays[first][:1]
+        elif partition == 5:
+            arrays = {k: v.double() for k, v in arrays.items()}
+        elif partition == 6:
+            arrays = {k: 1e4 * v for k, v in arrays.items()}
+        elif partition == 7:
+            metrics["num-examples"] = 0
+        return arrays, metrics
+
     @app.train()
     def train(msg, context):
         reply = real.train(msg, context)
-        arrays = reply.content.array_records["arrays"]
-        renamed = {("bogus." + k if i == 0 else k): v for i, (k, v) in enumerate(arrays.items())}
-        content = RecordDict({"arrays": ArrayRecord(renamed), "metrics": reply.content.metric_records["metrics"]})
+        arrays = reply.content.array_records["arrays"].to_torch_state_dict()
+        metrics = dict(reply.content.metric_records["metrics"])
+        arrays, metrics = fault(int(context.node_config["partition-id"]), arrays, metrics)
+        content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 
     config = scenario_config("quick")
     config.out_dir = sys.argv[1]
-    config.federation.rounds = 1
+    config.federation.clients = int(sys.argv[2])
+    config.federation.rounds = 2
+    config.federation.fraction_evaluate = 0.0
+    config.train.local_steps = 20
+    config.screening.enabled = sys.argv[3] == "screening"
     simulate(config, client_app=app)
     """
 )
 
+REJECTED = {
+    2: "non-finite values",
+    3: "unexpected keys ['bogus.",
+    4: "shape mismatches",
+    5: "dtype float64 instead of float32",
+    6: "update norm",
+    7: "num-examples is 0",
+}
 
-def test_mismatched_client_adapter_is_a_clear_error(tmp_path):
+
+@pytest.mark.slow
+def test_bad_updates_are_rejected_and_the_run_continues(tmp_path):
+    """Six faulty clients, one per fault, and two honest ones, through Flower's simulation."""
     script = tmp_path / "faulty.py"
-    script.write_text(FAULTY_CLIENT)
-    proc = _run([sys.executable, str(script), str(tmp_path / "out")], tmp_path)
+    script.write_text(FAULTY_CLIENTS)
+    out = tmp_path / "out"
+    proc = _run([sys.executable, str(script), str(out), "8", "screening"], tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]  # both rounds ran to the end
+    for row in rows[1:]:
+        assert row["clients/sampled"] == 8 and row["clients/rejected"] == 6
+        reasons = {r["partition-id"]: r["reason"] for r in row["clients/rejections"]}
+        assert set(reasons) == set(REJECTED)
+        for partition, fragment in REJECTED.items():
+            assert fragment in reasons[partition], (partition, reasons[partition])
+        # Diagnostics and aggregation saw the two honest clients only.
+        assert sorted(c["partition-id"] for c in row["clients"]) == [0, 1]
+        assert np.isfinite(row["global/accuracy"]) and np.isfinite(row["barrier/jensen_factor"])
+    assert "rejected the reply of node" in proc.stdout + proc.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_without_screening_a_bad_update_stops_the_run_with_a_named_error(tmp_path):
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY_CLIENTS)
+    # Three clients: partition 2 sends NaN, which linear averaging carries into the aggregate.
+    proc = _run([sys.executable, str(script), str(tmp_path / "out"), "3", "off"], tmp_path)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
-    assert "AdapterMismatchError" in output and "adapter from client node" in output, output[-3000:]
-    assert "unexpected keys ['bogus." in output
+    assert "produced non-finite values in round 1" in output, output[-3000:]
     assert not (tmp_path / "out" / "adapter").exists()  # nothing exported from a failed run
 
 

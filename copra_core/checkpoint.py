@@ -1,0 +1,141 @@
+"""Per-round checkpoints of a federated run, and resuming from them.
+
+After every round the server writes ``<out-dir>/checkpoint.safetensors``: one file with
+every tensor the run needs to continue (global adapter, base offsets, the initial
+factors LoRA-GA folds into the export, the aggregation rule's state) and, in the
+safetensors header, the round, the flat config, the metrics rows so far and the
+server's RNG states. One file replaced atomically (temporary file + rename) means a kill
+at any moment leaves either the previous round's checkpoint or this round's, never a
+mix. Clients keep nothing between rounds (their batches, CopRA masks and optimiser are
+derived from the seed and the round number), so the server's checkpoint is the whole
+state of the federation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from copra_core.adapters import AdapterState
+
+FILE_NAME = "checkpoint.safetensors"
+FORMAT = "copra-fl-checkpoint-1"
+#: Config keys that may differ between a run and its resumption.
+RESUME_FREE_KEYS = frozenset(
+    {"out-dir", "federation.resume", "federation.wait-for-nodes-s", "federation.round-timeout-s"}
+)
+#: Tensor groups, stored under "<group>/<key>".
+GROUPS = ("global", "init_offsets", "initial", "rule_offsets", "rule")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or belongs to a different config."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything a resumed run needs, as of the end of ``round``."""
+
+    round: int
+    config: dict[str, Any]
+    tensors: dict[str, AdapterState] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    rng: dict[str, Any] = field(default_factory=dict)
+
+
+def _capture_rng() -> dict[str, Any]:
+    """The server process's RNG states, JSON-able (Python's ``random`` drives Flower's node sampling)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+
+
+def restore_rng(checkpoint: Checkpoint) -> None:
+    """Put the server's RNGs back where they were when ``checkpoint`` was written."""
+    version, internal, gauss = checkpoint.rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = checkpoint.rng["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(checkpoint.rng["torch"])
+
+
+def save_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> Path:
+    """Write ``out_dir/checkpoint.safetensors`` atomically (temporary file, then rename).
+
+    The server's RNG states are captured now (``checkpoint.rng`` is filled on loading).
+    """
+    flat = {"rng/torch": torch.get_rng_state()}
+    for group in GROUPS:
+        for key, value in checkpoint.tensors.get(group, {}).items():
+            flat[f"{group}/{key}"] = value.detach().to("cpu").contiguous()
+    header = {
+        "format": FORMAT,
+        "round": checkpoint.round,
+        "config": checkpoint.config,
+        "metrics": checkpoint.metrics,
+        "rng": _capture_rng(),
+    }
+    path = out_dir / FILE_NAME
+    fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=out_dir)
+    os.close(fd)
+    try:
+        save_file(flat, tmp, metadata={"copra-fl": json.dumps(header)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(out_dir: Path) -> Checkpoint:
+    """The checkpoint in ``out_dir``; a clear error naming the file otherwise."""
+    path = Path(out_dir) / FILE_NAME
+    if not path.exists():
+        raise CheckpointError(f"No checkpoint to resume from: {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = json.loads((handle.metadata() or {}).get("copra-fl", "{}"))
+        flat = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"Checkpoint {path} cannot be read: {err}") from err
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a copra-fl checkpoint (format {header.get('format')!r})")
+    tensors: dict[str, AdapterState] = {group: {} for group in GROUPS}
+    for name, value in flat.items():
+        group, _, key = name.partition("/")
+        if group in tensors:
+            tensors[group][key] = value
+    checkpoint = Checkpoint(
+        round=int(header["round"]),
+        config=header["config"],
+        tensors=tensors,
+        metrics=header["metrics"],
+        rng=header["rng"] | {"torch": flat["rng/torch"]},
+    )
+    return checkpoint
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ (or exist on one side only), ignoring ``RESUME_FREE_KEYS``."""
+    keys = (set(saved) | set(current)) - RESUME_FREE_KEYS
+    return sorted(k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>"))
+
+
+def check_resumable(checkpoint: Checkpoint, current: dict[str, Any], path: Path) -> None:
+    """Refuse a config that differs from the checkpoint's, naming each differing key."""
+    differing = config_differences(checkpoint.config, current)
+    if differing:
+        details = ", ".join(
+            f"{k} ({checkpoint.config.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r})" for k in differing
+        )
+        raise CheckpointError(f"Cannot resume from {path}: the config differs from the checkpoint's in {details}")

@@ -1,0 +1,331 @@
+"""docker-compose.yml, and the same topology run as real processes on 127.0.0.1.
+
+There is no Docker engine on these machines, so the compose file is checked with
+``docker-compose config`` and its commands are then run as processes: every flag comes
+from the compose file; only addresses (service names -> 127.0.0.1, free ports) and
+container paths (-> this test's temporary folder) are substituted, and the test asserts
+that nothing else differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.processes import alive, leftovers, pgrep, terminate
+from tests.test_flwr_run import _run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+#: Image -> the program its entrypoint runs (official Flower images; ours is FROM flwr/superexec).
+ENTRYPOINTS = {
+    "flwr/superlink": "flower-superlink",
+    "flwr/supernode": "flower-supernode",
+    "copra-fl": "flower-superexec",
+}
+FEDERATION = "copra-fl-loopback"
+
+
+def compose_config() -> dict:
+    """The compose file as Docker would run it (``docker-compose config``: anchors, env, profiles resolved)."""
+    if shutil.which("docker-compose") is None:
+        pytest.fail("docker-compose is not installed (scripts/test.sh installs it: apt-get install docker-compose)")
+    proc = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "--profile", "gpu", "--profile", "cpu", "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+def test_compose_file_is_valid_and_secure_by_default():
+    services = compose_config()["services"]
+    assert set(services) == {
+        "superlink",
+        "serverapp",
+        "supernode-1",
+        "supernode-2",
+        "clientapp-1",
+        "clientapp-2",
+        "clientapp-1-cpu",
+        "clientapp-2-cpu",
+    }
+    link = services["superlink"]["command"]
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth"):
+        assert flag in link
+    assert "--insecure" not in link
+    assert (
+        any(v.endswith(":/app/state") for v in map(str, services["superlink"]["volumes"]))
+        or services["superlink"]["volumes"]
+    )
+    for i in (1, 2):
+        node = services[f"supernode-{i}"]["command"]
+        assert node[node.index("--auth-supernode-private-key") + 1] == f"/app/keys/supernode-{i}"
+        assert "--root-certificates" in node and "--insecure" not in node
+        assert f"partition-id={i - 1} num-partitions=2" in node
+        gpu = services[f"clientapp-{i}"]
+        devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+        assert gpu["profiles"] == ["gpu"] and services[f"clientapp-{i}-cpu"]["profiles"] == ["cpu"]
+        assert "deploy" not in services[f"clientapp-{i}-cpu"]
+        assert gpu["command"] == services[f"clientapp-{i}-cpu"]["command"]
+    assert services["serverapp"]["command"][:2] == ["--runtime-api-address", "superlink:9093"]
+    for name in ("serverapp", "clientapp-1"):
+        env = services[name]["environment"]
+        assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1" and env["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
+def test_gpu_ids_are_configurable():
+    env = dict(os.environ, COPRA_FL_GPU_IDS_2="3")
+    proc = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "--profile", "gpu", "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
+    services = yaml.safe_load(proc.stdout)["services"]
+    ids = [
+        services[f"clientapp-{i}"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for i in (1, 2)
+    ]
+    assert ids == [["0"], ["3"]]
+
+
+# ---------------------------------------------------------------------- processes on loopback
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Loopback:
+    """The compose topology as processes: commands from the compose file, addresses substituted."""
+
+    tmp: Path
+    services: dict
+    ports: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.home = self.tmp / "flwr-home"
+        self.home.mkdir()
+        self.ports = {name: _free_port() for name in self.services if name.startswith(("superlink", "supernode"))}
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(self.home),
+            "PYTHONPATH": str(ROOT),
+        }
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+            f'address = "127.0.0.1:{self.ports["superlink"]}"\nroot-certificates = "{self.tmp / "certs" / "ca.crt"}"\n'
+        )
+
+    def translate(self, service: str, args: list[str]) -> list[str]:
+        """Compose arguments -> loopback arguments: only addresses and container paths change."""
+        out = []
+        for arg in args:
+            arg = str(arg)
+            for name, port in self.ports.items():
+                arg = arg.replace(f"{name}:9093", f"127.0.0.1:{port}").replace(f"{name}:9094", f"127.0.0.1:{port}")
+            arg = arg.replace("/app/certificates", str(self.tmp / "certs")).replace("/app/keys", str(self.tmp / "keys"))
+            arg = arg.replace("/app/state", str(self.tmp / "state")).replace("0.0.0.0", "127.0.0.1")
+            out.append(arg)
+        if "--port" in out:  # each process on this host needs its own port
+            out[out.index("--port") + 1] = str(self.ports[service])
+        return out
+
+    def command(self, service: str, **replace: str) -> list[str]:
+        spec = self.services[service]
+        program = next(p for image, p in ENTRYPOINTS.items() if spec["image"].startswith(image))
+        args = self.translate(service, spec["command"])
+        args = [replace.get(a, a) for a in args]
+        return [str(BIN / program), *args]
+
+    def service_env(self, service: str) -> dict[str, str]:
+        env = {
+            k: str(v).replace("/app/data", str(ROOT / "data")) for k, v in self.services[service]["environment"].items()
+        }
+        return {**self.env, **env}
+
+    def start(self, name: str, service: str, **replace: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            self.command(service, **replace),
+            cwd=self.tmp,
+            env=self.service_env(service),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def wait_for(self, name: str, pattern: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.log(name)):
+            assert self.procs[name].poll() is None, f"{name} exited: {self.log(name)[-2000:]}"
+            assert time.monotonic() < deadline, f"{name}: no '{pattern}' after {timeout}s: {self.log(name)[-2000:]}"
+            time.sleep(0.3)
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def kill(self, name: str) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait(timeout=30)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        terminate({p.pid for p in self.procs.values() if alive(p.pid)})
+        # Task processes the SuperExecs started, and anything else holding this FLWR_HOME.
+        marker = f"FLWR_HOME={self.home}\0".encode()
+        ours = set()
+        for pid in pgrep("flwr|flower"):
+            with contextlib.suppress(OSError):
+                if marker in Path(f"/proc/{pid}/environ").read_bytes():
+                    ours.add(pid)
+        terminate(ours)
+
+
+@pytest.fixture
+def loopback(tmp_path) -> Iterator[Loopback]:
+    subprocess.run(
+        ["bash", str(ROOT / "deploy" / "certs.sh"), str(tmp_path / "certs")], check=True, capture_output=True
+    )
+    subprocess.run(
+        ["bash", str(ROOT / "deploy" / "keys.sh"), "4", str(tmp_path / "keys")], check=True, capture_output=True
+    )
+    (tmp_path / "state").mkdir()
+    net = Loopback(tmp_path, compose_config()["services"])
+    try:
+        yield net
+    finally:
+        net.stop()
+        leaked = leftovers(lambda: {p for p in pgrep(str(net.home)) if alive(p)})
+        assert not leaked, f"processes left running: {leaked}"
+
+
+def _start_federation(net: Loopback, nodes: int) -> None:
+    """SuperLink, key registration, ``nodes`` SuperNodes with their SuperExecs, the ServerApp runner."""
+    net.start("superlink", "superlink")
+    net.wait_for("superlink", r"Uvicorn running on https://127\.0\.0\.1")
+    keys = [str(net.tmp / "keys" / f"supernode-{i}.pub") for i in range(1, nodes + 1)]
+    proc = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "register.sh"), FEDERATION, *keys],
+        env=net.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.count("registered successfully") == nodes, proc.stdout + proc.stderr
+    for i in range(1, nodes + 1):
+        # Nodes beyond the compose file's two reuse supernode-2's command with their own key and partition.
+        service = f"supernode-{min(i, 2)}"
+        replace = {}
+        if i > 2:
+            net.ports[f"supernode-{i}"] = _free_port()
+            replace = {
+                str(net.tmp / "keys" / "supernode-2"): str(net.tmp / "keys" / f"supernode-{i}"),
+                "partition-id=1 num-partitions=2": f"partition-id={i - 1} num-partitions={nodes}",
+                str(net.ports["supernode-2"]): str(net.ports[f"supernode-{i}"]),
+            }
+        elif nodes != 2:
+            replace = {f"partition-id={i - 1} num-partitions=2": f"partition-id={i - 1} num-partitions={nodes}"}
+        net.start(f"supernode-{i}", service, **replace)
+        net.wait_for(f"supernode-{i}", r"SuperNode ID")
+        runtime = {f"127.0.0.1:{net.ports['supernode-2']}": f"127.0.0.1:{net.ports[f'supernode-{i}']}"} if i > 2 else {}
+        net.start(f"clientapp-{i}", f"clientapp-{min(i, 2)}-cpu", **runtime)
+    net.start("serverapp", "serverapp")
+
+
+@pytest.mark.slow
+def test_tls_deployment_with_node_auth_runs_two_rounds(loopback):
+    net = loopback
+    _start_federation(net, nodes=2)
+    # The compose flags, with only addresses and paths substituted.
+    link = net.command("superlink")
+    assert link[1:] == net.translate("superlink", net.services["superlink"]["command"])
+    assert "--enable-supernode-auth" in link and "--ssl-certfile" in link
+
+    # A SuperNode whose key was never registered is refused.
+    net.ports["supernode-4"] = _free_port()
+    stranger = net.start(
+        "supernode-4",
+        "supernode-2",
+        **{
+            str(net.tmp / "keys" / "supernode-2"): str(net.tmp / "keys" / "supernode-4"),
+            str(net.ports["supernode-2"]): str(net.ports["supernode-4"]),
+        },
+    )
+    assert stranger.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in net.log("supernode-4")
+
+    out = net.tmp / "run"
+    proc = net.flwr("run", str(ROOT), FEDERATION, "--stream", "--run-config", _run_config(out), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2], proc.stdout[-3000:]
+    assert all(r["clients/sampled"] == 2 and r["clients/missing"] == 0 for r in rows[1:])
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "checkpoint.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_does_not_end_the_run(loopback):
+    net = loopback
+    _start_federation(net, nodes=3)
+    out = net.tmp / "run"
+    config = _run_config(
+        out, {"federation.clients": 3, "federation.min-train-nodes": 2, "federation.round-timeout-s": 120.0}
+    )
+    run = subprocess.Popen(
+        [str(BIN / "flwr"), "run", str(ROOT), FEDERATION, "--stream", "--run-config", config],
+        cwd=ROOT,
+        env=net.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # Kill node 3 (SuperNode and its SuperExec) as soon as it has its round-1 training message.
+        net.wait_for("supernode-3", r"Receiving: train message", timeout=600)
+        net.kill("supernode-3")
+        net.kill("clientapp-3")
+        output, _ = run.communicate(timeout=900)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2], output[-3000:]
+    first, second = rows[1], rows[2]
+    assert first["clients/sampled"] == 3 and first["clients/missing"] == 1, first
+    assert len(first["clients"]) == 2  # aggregated and diagnosed over the two that replied
+    assert second["clients/sampled"] == 2 and second["clients/missing"] == 0, second  # live nodes only
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
