@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -149,10 +152,17 @@ def _rows(out: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
 
 
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    # Not under tmp_path: Ray's session socket paths below it must stay under 107 bytes.
+    path = Path(tempfile.mkdtemp(prefix="cr-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_adapter_and_metrics(tmp_path, tmp_path_factory):
+def test_killed_run_resumes_to_the_same_adapter_and_metrics(tmp_path, ray_tmp):
     before = pgrep(FLOWER_AND_RAY)
-    ray_tmp = tmp_path_factory.mktemp("rt")
     env = _env(ray_tmp)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = subprocess.run(
