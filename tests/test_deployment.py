@@ -329,3 +329,27 @@ def test_a_supernode_killed_mid_round_does_not_end_the_run(loopback):
     assert len(first["clients"]) == 2  # aggregated and diagnosed over the two that replied
     assert second["clients/sampled"] == 2 and second["clients/missing"] == 0, second  # live nodes only
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_100_mb_adapter_crosses_the_tls_deployment(loopback):
+    """Messages far above gRPC's 4 MiB default: Flower 1.41 sends arrays in 5 MiB chunks."""
+    net = loopback
+    _start_federation(net, nodes=2)
+    out = net.tmp / "run"
+    big = {
+        "model.num-hidden-layers": 0,  # all 6 blocks
+        "lora.r": 384,
+        "lora.target-modules": "query,key,value,attention.output.dense,intermediate.dense,output.dense",
+        "lora.modules-to-save": "auto,pooler,word_embeddings",  # + 47 MB of embeddings
+        "diagnostics.sample-size": 16,
+        "data.eval-size": 32,
+    }
+    proc = net.flwr("run", str(ROOT), FEDERATION, "--stream", "--run-config", _run_config(out, big), timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2], proc.stdout[-3000:]
+    for row in rows[1:]:
+        assert row["clients/missing"] == 0 and row["clients/rejected"] == 0
+        assert row["comm/bytes_up"] / 2 > 100e6 and row["comm/bytes_down"] / 2 > 100e6  # per client
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 100e6
