@@ -71,10 +71,8 @@ def test_compose_file_is_valid_and_secure_by_default():
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth"):
         assert flag in link
     assert "--insecure" not in link
-    assert (
-        any(v.endswith(":/app/state") for v in map(str, services["superlink"]["volumes"]))
-        or services["superlink"]["volumes"]
-    )
+    # The SuperLink's database lives on the named volume, not in the container.
+    assert "superlink-state:/app/state:rw" in services["superlink"]["volumes"]
     for i in (1, 2):
         node = services[f"supernode-{i}"]["command"]
         assert node[node.index("--auth-supernode-private-key") + 1] == f"/app/keys/supernode-{i}"
