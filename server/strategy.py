@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -24,11 +25,16 @@ from copra_core.adapters import (
     from_array_record,
     to_array_record,
 )
+from copra_core.allocation.masking import RECORD_KEY as ALLOCATION_KEY
+from copra_core.allocation.masking import check_partial
 from copra_core.base_offset import RECORD_KEY as OFFSETS_KEY
 from copra_core.base_offset import module_of
 from copra_core.config import ScreeningSettings
 from copra_core.screening import check_update, norm_outliers, update_norm
 from strategies.base import AggregationRule, ClientUpdate, StrategyContractError
+
+if TYPE_CHECKING:
+    from server.allocation import Allocator
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,9 @@ class AdapterFedAvg(FedAvg):
     screening : ScreeningSettings, optional
         Checks on every reply (``copra_core/screening.py``); a failing reply is logged and
         left out. None = no screening: a malformed reply then stops the run with an error.
+    allocator : Allocator, optional
+        HeteroLoRA allocation (``server/allocation.py``): re-decided when due, attached to
+        every train message; the rule must accept partial replies.
     **fedavg_kwargs
         Passed to Flower's ``FedAvg`` (sampling fractions and minimum node counts).
     """
@@ -70,9 +79,16 @@ class AdapterFedAvg(FedAvg):
         on_base_offset: Callable[[AdapterState], None] | None = None,
         base_checksum: Callable[[], int] | None = None,
         screening: ScreeningSettings | None = None,
+        allocator: Allocator | None = None,
         **fedavg_kwargs: float | int,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        if allocator is not None and not rule.partial_updates:
+            raise StrategyContractError(
+                f"allocation.enabled needs a rule that accepts partial replies (strategy.name=masked); "
+                f"{type(rule).__name__} averages whole adapters and would read untrained modules as zeros"
+            )
+        self.allocator = allocator
         self.rule = rule
         self.transport_dtype = transport_dtype
         self.diagnostics = diagnostics
@@ -87,6 +103,7 @@ class AdapterFedAvg(FedAvg):
         self._offsets_record: ArrayRecord | None = None
         # What the clients receive, decoded: the reference every reply is checked against.
         self.current: AdapterState = from_array_record(to_array_record(initial_state, transport_dtype))
+        self.previous: AdapterState = self.current
         self.round_metrics: dict = {}
         #: Rounds completed before this ``start`` (a resumed run): Flower numbers the rounds
         #: of each ``start`` from 1, the clients and the metrics need the run's own numbers.
@@ -121,7 +138,13 @@ class AdapterFedAvg(FedAvg):
     ) -> Iterable[Message]:
         server_round += self.completed_rounds
         self.round_metrics = {"_t_start": time.perf_counter()}
+        if self.allocator is not None and self.allocator.due(server_round):
+            self.round_metrics.update(self.allocator.refresh(grid, server_round, self.current))
         messages = self._with_offsets(super().configure_train(server_round, arrays, config, grid))
+        if self.allocator is not None:
+            record = self.allocator.record()
+            for message in messages:
+                message.content[ALLOCATION_KEY] = record
         # Adapter plus base offsets, if any: every message carries the same records.
         per_client = sum(array_record_nbytes(r) for r in messages[0].content.array_records.values()) if messages else 0
         self.round_metrics["comm/bytes_down"] = per_client * len(messages)
@@ -197,6 +220,7 @@ class AdapterFedAvg(FedAvg):
         self.round_metrics["time/train_s"] = time.perf_counter() - self.round_metrics["_t_start"]
         # Encode first: the diagnostics must score the adapter the clients will receive.
         arrays = to_array_record(new_state, self.transport_dtype)
+        self.previous = self.current  # what this round's clients started from (partial replies refer to it)
         self.current = from_array_record(arrays)
         if self.diagnostics is not None:
             started = time.perf_counter()
@@ -276,6 +300,7 @@ class AdapterFedAvg(FedAvg):
                 self.transport_dtype,
                 metrics.get(self.weighted_by_key),
                 self.screening.max_num_examples,
+                partial=self.rule.partial_updates,
             )
             if reason is None:
                 norms[index] = update_norm(state, self.current)
@@ -303,7 +328,8 @@ class AdapterFedAvg(FedAvg):
         """Decode one reply and check it against the global adapter (naming the client)."""
         state = from_array_record(msg.content.array_records[self.arrayrecord_key])
         node = msg.metadata.src_node_id
-        check_compatible(state, self.current, source=f"adapter from client node {node}")
+        check = check_partial if self.rule.partial_updates else check_compatible
+        check(state, self.current, source=f"adapter from client node {node}")
         metrics = dict(msg.content.metric_records["metrics"])
         return ClientUpdate(node_id=node, state=state, num_examples=int(metrics[self.weighted_by_key]), metrics=metrics)
 

@@ -46,6 +46,13 @@ def simulate(
         list[str] | None,
         typer.Option("--set", help="Config override key=value (repeatable); see `copra-fl config`."),
     ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="sequence_classification (default: the SST-2 demo) | causal_lm (instruction tuning of "
+            "SmolLM2-135M-Instruct on Dolly-15k, docs/causal_lm.md); picks the task's scenario."
+        ),
+    ] = None,
     quick: Annotated[bool, typer.Option(help="Smoke run of about a minute (2-layer model, small samples).")] = False,
     resume: Annotated[
         Path | None,
@@ -59,7 +66,12 @@ def simulate(
 ) -> None:
     """Run a simulated federation; with no options, the demo (4 non-IID clients, CopRA, linear)."""
     try:
-        config = scenario_config("quick" if quick else "demo")
+        if task not in (None, "sequence_classification", "causal_lm"):
+            raise ConfigError(f"--task must be sequence_classification or causal_lm, got '{task}'")
+        if task == "causal_lm":
+            config = scenario_config("causal_lm-quick" if quick else "causal_lm")
+        else:
+            config = scenario_config("quick" if quick else "demo")
         config.out_dir = str(resume if resume is not None else out)
         overrides: dict[str, object] = {"federation.resume": resume is not None}
         if rounds is not None:
@@ -93,7 +105,13 @@ def simulate(
         from simulations.display import RichRoundDisplay
 
         label = "CopRA" if config.copra.enabled else "LoRA"
-        display_obj = RichRoundDisplay(config.federation.rounds, f"{label} x {config.federation.clients} clients")
+        from copra_core.tasks import TASKS
+
+        display_obj = RichRoundDisplay(
+            config.federation.rounds,
+            f"{label} x {config.federation.clients} clients",
+            metric=TASKS[config.task].metric if config.task in TASKS else "accuracy",
+        )
         observers.append(display_obj)
         display_obj.start()
     started = time.perf_counter()
@@ -138,7 +156,15 @@ def list_strategies() -> None:
         typer.echo(f"{name}\n    {text}")
 
 
-BENCHMARKS = ("aggregation", "copra-vs-lora", "lora-ga-convergence", "overhead", "strategies")
+BENCHMARKS = (
+    "aggregation",
+    "causal-lm",
+    "copra-vs-lora",
+    "heterolora-budget",
+    "lora-ga-convergence",
+    "overhead",
+    "strategies",
+)
 
 
 @app.command(

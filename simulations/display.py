@@ -34,8 +34,13 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 class RichRoundDisplay:
     """Round observer: prints each round as a table row under a live progress bar."""
 
-    def __init__(self, num_rounds: int, title: str, console: Console | None = None) -> None:
+    def __init__(self, num_rounds: int, title: str, console: Console | None = None, metric: str = "accuracy") -> None:
+        """``metric``: the task's headline metric, shown in the acc/cli_acc columns (e.g. token_accuracy)."""
         self.console = console or Console(stderr=False)
+        self.columns = tuple(
+            (key.replace("accuracy", metric) if key.endswith("accuracy") else key, header, fmt)
+            for key, header, fmt in COLUMNS
+        )
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -55,9 +60,9 @@ class RichRoundDisplay:
 
     def __call__(self, row: dict) -> None:
         table = Table(show_header=not self.header_printed, box=None, pad_edge=False)
-        for _, header, _ in COLUMNS:
+        for _, header, _ in self.columns:
             table.add_column(header, justify="right", min_width=7)
-        table.add_row(*(_cell(row, key, fmt) for key, _, fmt in COLUMNS))
+        table.add_row(*(_cell(row, key, fmt) for key, _, fmt in self.columns))
         self.progress.console.print(table)
         self.header_printed = True
         if row["round"] > 0:

@@ -31,13 +31,20 @@ def preflight(config: RunConfig) -> None:
     from copra_core import data
     from copra_core.checkpoint import FILE_NAME, check_resumable, load_checkpoint
     from copra_core.model_loading import resolve_model_path
+    from server.app import check_allocation
 
     config.validate()
     rule = strategies.build(config.strategy.name, config.strategy.options)
+    check_allocation(config, rule)
     if config.federation.resume:
         expected = RunConfig.from_flat(config.to_flat())
         expected.update(dict(rule.client_overrides))  # the server applies them before saving its config
         check_resumable(load_checkpoint(Path(config.out_dir)), expected.to_flat(), Path(config.out_dir) / FILE_NAME)
+    if config.task == "causal_lm":
+        from copra_core.tasks import build_task
+
+        build_task(config).check_inputs(config.federation.clients)  # data, partitioning, model files
+        return
     spec = data.dataset_spec(config.data.dataset)
     data_dir = data.resolve_data_dir(config.data)
     for split in ("train", "eval"):

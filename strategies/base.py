@@ -26,6 +26,8 @@ Optional parts of the contract:
   unknown or mistyped option is an error naming the key before round 1.
 * ``client_overrides``: run-config keys the rule needs on every client (FFA-LoRA freezes
   A with ``lora.freeze-a = true``); the server applies them before round 1.
+* ``partial_updates``: the rule aggregates replies that hold only the modules a client
+  trained, at its rank (needed by ``allocation.enabled``).
 * ``round_metrics()``: figures about the last aggregation (SVD truncation error, number
   of clipped clients), written to each round's metrics under ``strategy/``.
 * ``base_offset()``: offsets of the frozen base weights the rule maintains (FedEx-LoRA's
@@ -67,6 +69,10 @@ class AggregationRule(ABC):
     #: True if ``aggregate`` reads ``updates`` exactly once, in order: the server may then
     #: pass a generator that decodes one client reply at a time (diagnostics off).
     single_pass: ClassVar[bool] = False
+    #: True if the rule accepts partial replies: a subset of the LoRA modules, possibly at a
+    #: rank below r (HeteroLoRA allocation, ``strategies/masked.py``). The server then checks
+    #: replies with ``check_partial`` instead of requiring the global adapter's exact shapes.
+    partial_updates: ClassVar[bool] = False
     #: Run-config keys every client must use with this rule (applied by the server).
     client_overrides: ClassVar[Mapping[str, bool | int | float | str]] = {}
 

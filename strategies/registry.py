@@ -29,6 +29,7 @@ from strategies.dare import DareMerge
 from strategies.fedopt import FedAdamRule, FedYogiRule
 from strategies.ffa import FrozenAAveraging
 from strategies.linear import LinearAveraging
+from strategies.masked import MaskedAveraging
 from strategies.median import CoordinateMedian
 from strategies.norm_clip import NormClipAveraging
 from strategies.product_svd import ProductSVD
@@ -50,6 +51,7 @@ BUILTIN: dict[str, type[AggregationRule]] = {
         DareMerge,
         FedAdamRule,
         FedYogiRule,
+        MaskedAveraging,
     )
 }
 

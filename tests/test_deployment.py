@@ -351,3 +351,55 @@ def test_a_100_mb_adapter_crosses_the_tls_deployment(loopback):
         assert row["clients/missing"] == 0 and row["clients/rejected"] == 0
         assert row["comm/bytes_up"] / 2 > 100e6 and row["comm/bytes_down"] / 2 > 100e6  # per client
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 100e6
+
+
+def _kill_serverapp(net: Loopback) -> None:
+    """SIGKILL the ServerApp runner and the ServerApp process it started for the run (ours only)."""
+    net.kill("serverapp")
+    marker = f"FLWR_HOME={net.home}\0".encode()
+    for pid in pgrep("flwr-serverapp"):
+        with contextlib.suppress(OSError):
+            if marker in Path(f"/proc/{pid}/environ").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_killed_serverapp_resumes_from_its_checkpoint(loopback):
+    """The ServerApp dies after round 1 of 3; `flwr run` with federation.resume=true continues at round 2."""
+    from copra_core.checkpoint import load_checkpoint
+
+    net = loopback
+    _start_federation(net, nodes=2)
+    out = net.tmp / "run"
+    extra = {"federation.rounds": 3, "train.local-steps": 15}
+    first_log = net.tmp / "first-run.log"
+    first = subprocess.Popen(
+        [str(BIN / "flwr"), "run", str(ROOT), FEDERATION, "--stream", "--run-config", _run_config(out, extra)],
+        cwd=ROOT,
+        env=net.env,
+        stdout=first_log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 900
+        while not ((out / "checkpoint.safetensors").exists() and load_checkpoint(out).round >= 1):
+            assert time.monotonic() < deadline, "no round-1 checkpoint after 900 s"
+            assert first.poll() is None, f"the first run ended before round 1: {first_log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        _kill_serverapp(net)
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    done = load_checkpoint(out).round
+    assert 1 <= done < 3, f"killed too late: round {done} checkpointed"
+
+    net.start("serverapp-2", "serverapp")  # a new ServerApp runner, as a restarted container would be
+    resumed = {**extra, "federation.resume": True}
+    proc = net.flwr("run", str(ROOT), FEDERATION, "--stream", "--run-config", _run_config(out, resumed), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3], proc.stdout[-3000:]
+    assert rows[: done + 1] == before[: done + 1]  # the checkpointed rounds are kept, not recomputed
+    assert load_checkpoint(out).round == 3
+    assert (out / "adapter" / "adapter_model.safetensors").exists()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from copra_core.config import ConfigError, RunConfig
 from copra_core.tasks.base import Batch, Task
+from copra_core.tasks.causal_lm import CausalLMTask
 from copra_core.tasks.sequence_classification import SequenceClassificationTask
 
-TASKS: dict[str, type[Task]] = {SequenceClassificationTask.name: SequenceClassificationTask}
+TASKS: dict[str, type[Task]] = {
+    SequenceClassificationTask.name: SequenceClassificationTask,
+    CausalLMTask.name: CausalLMTask,
+}
 
 
 def build_task(config: RunConfig) -> Task:

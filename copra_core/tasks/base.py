@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -86,6 +87,24 @@ class Task(ABC):
     @abstractmethod
     def summarise(self, sums: dict[str, float]) -> dict[str, float]:
         """Turn summed statistics into metrics; must contain 'loss' and ``self.metric``."""
+
+    # ------------------------------------------------------------------ optional hooks
+    def check_inputs(self, num_partitions: int) -> None:
+        """Fail fast, before any process starts, on data or settings that would fail later.
+
+        Called by the simulation's preflight. The default checks nothing.
+        """
+        del num_partitions
+
+    def after_round(self, model: nn.Module, server_round: int, num_rounds: int, out_dir: Path) -> dict[str, float]:
+        """Server-side extra evaluation of the global adapter after a round; returns metrics for its row.
+
+        Called right after the round's global evaluation, so ``model`` holds the new global
+        adapter with every block active. May write files to ``out_dir`` (atomically). The
+        default does nothing; the causal-LM task generates text and scores it with ROUGE-L.
+        """
+        del model, server_round, num_rounds, out_dir
+        return {}
 
     # ------------------------------------------------------------------ batching
     def example_length(self, example: Any) -> int:

@@ -1,0 +1,106 @@
+"""HeteroLoRA allocation rounds: ask the clients for proxy scores, decide, broadcast.
+
+Before round 1 (static) or every ``allocation.every-rounds`` rounds (dynamic) the server
+sends the current global adapter to every connected node as a ``query.proxy_scores``
+message; each client scores every candidate module on its own batches and replies with
+one number per module. The server averages the scores by example count, picks the modules
+that fit the budget (``copra_core/allocation/budget.py``) and attaches the decision to
+every train message until the next allocation round. Only scores travel, never data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from copra_core.allocation.budget import Allocation, allocate, module_costs, weighted_scores
+from copra_core.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+QUERY = f"{MessageType.QUERY}.proxy_scores"
+
+
+class Allocator:
+    """Decides and remembers the current allocation of a run."""
+
+    def __init__(self, config: RunConfig, template: Mapping[str, torch.Tensor]) -> None:
+        self.config = config
+        self.costs = module_costs(template)
+        self.current: Allocation | None = None
+        #: Every decision: (round it starts, allocation), for the report's heat map.
+        self.history: list[tuple[int, Allocation]] = []
+
+    def due(self, server_round: int) -> bool:
+        every = self.config.allocation.every_rounds
+        return self.current is None or (every > 0 and (server_round - 1) % every == 0)
+
+    def refresh(self, grid: Grid, server_round: int, state: Mapping[str, torch.Tensor]) -> dict:
+        """Collect the clients' scores at ``state`` and decide; returns ``allocation/*`` metrics."""
+        started = time.perf_counter()
+        settings = self.config.allocation
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: v.contiguous() for k, v in state.items()}),
+                "config": ConfigRecord(self.config.to_flat()),
+            }
+        )
+        nodes = list(grid.get_node_ids())
+        messages = [Message(content=content, message_type=QUERY, dst_node_id=node) for node in nodes]
+        # Bounded like round 0's gradient query: a silent node must not hang the run.
+        replies = list(grid.send_and_receive(messages, timeout=self.config.federation.wait_for_nodes_s * 10))
+        valid = sorted(
+            (r for r in replies if not r.has_error()),
+            key=lambda m: m.content.metric_records["metrics"]["partition-id"],
+        )
+        failed = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+        if failed:
+            log.warning("allocation: %d node(s) failed to score: %s", len(failed), failed)
+        if len(valid) < self.config.federation.min_train_nodes:
+            raise RuntimeError(
+                f"allocation: {len(valid)} of {len(nodes)} nodes sent proxy scores, fewer than "
+                f"federation.min-train-nodes={self.config.federation.min_train_nodes} (failures: {failed})"
+            )
+        per_client = [
+            (dict(r.content.metric_records["scores"]), int(r.content.metric_records["metrics"]["num-examples"]))
+            for r in valid
+        ]
+        unknown = sorted(set(per_client[0][0]) ^ set(self.costs))
+        if unknown:
+            raise RuntimeError(f"allocation: scores do not name the adapter's LoRA modules: {unknown[:3]}")
+        scores = weighted_scores(per_client)
+        self.current = allocate(
+            scores,
+            self.costs,
+            budget=settings.budget,
+            budget_params=settings.budget_params,
+            seed=self.config.seed * 7919 + server_round,
+        )
+        self.history.append((server_round, self.current))
+        log.info(
+            "allocation for round %d (%s): %d of %d modules, %d trainable LoRA parameters",
+            server_round,
+            settings.proxy,
+            len(self.current.modules),
+            len(self.costs),
+            self.current.params,
+        )
+        return {
+            "allocation/modules": len(self.current.modules),
+            "allocation/candidates": len(self.costs),
+            "allocation/params": self.current.params,
+            "allocation/clients": len(valid),
+            "allocation/probed_b": int(any(r.content.metric_records["metrics"]["probed-b"] for r in valid)),
+            "allocation/scoring_s": time.perf_counter() - started,
+            "allocation/enabled": list(self.current.modules),
+        }
+
+    def record(self) -> ConfigRecord:
+        """The decision as sent to the clients (``client/app.py`` reads it)."""
+        assert self.current is not None
+        return ConfigRecord({"modules": list(self.current.modules), "ranking": list(self.current.ranking)})

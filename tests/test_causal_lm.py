@@ -1,0 +1,373 @@
+"""The causal_lm task: Dolly data and its federated split, formatting and masking, the GGUF
+decoder, loss and generation, and ``copra-fl simulate --task causal_lm --quick`` end to end
+with its exported adapter reloaded through PEFT.
+
+In-process tests share one 2-block SmolLM2 (dequantised from the packaged GGUF).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from copra_core.config import ConfigError, RunConfig
+from copra_core.tasks import instruct_data
+from copra_core.tasks.causal_lm import enable_checkpointing
+from tests.processes import FLOWER_AND_RAY, alive, leftovers, pgrep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def causal_config(**overrides: object) -> RunConfig:
+    """The ``causal_lm-quick`` scenario (2-block model) with overrides."""
+    from simulations.scenarios import scenario_config
+
+    config = scenario_config("causal_lm-quick")
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def task():
+    from copra_core.tasks import build_task
+
+    return build_task(causal_config())
+
+
+@pytest.fixture(scope="module")
+def peft_model(task):
+    from copra_core.lora import build_peft_model
+
+    base, new_modules = task.load_model()
+    return build_peft_model(base, task.config.lora, new_modules, seed=0).eval()
+
+
+# ---------------------------------------------------------------------- data
+def test_dolly_records_and_fedit_split():
+    settings = causal_config().data
+    records = instruct_data.read_records(instruct_data.data_file(settings), instruct_data.instruct_spec("dolly"))
+    assert len(records) == 15_011
+    splits = collections.Counter(records["split"])
+    assert splits["test"] == 80 and sum(splits.values()) == 15_011 and len(splits) == 11
+    test = instruct_data.test_split(settings)
+    assert set(collections.Counter(test["category"]).values()) == {10}  # 10 per category, 8 categories
+    client0, val0 = instruct_data.client_splits(settings, 0, 10, seed=0)
+    # The manifest: client 0 holds summarization, closed_qa and classification.
+    assert set(client0["category"]) | set(val0["category"]) == {"summarization", "closed_qa", "classification"}
+    assert len(instruct_data.client_partition(settings, 0, 10, 0)) == 1_493  # local_training_0.json
+    assert len(val0) == settings.val_max
+    for pid in range(10):
+        categories = set(instruct_data.client_partition(settings, pid, 10, 0)["category"])
+        assert 2 <= len(categories) <= 3, (pid, categories)
+
+
+def test_fedit_needs_ten_clients_and_partitioners_split_the_pool():
+    settings = causal_config().data
+    with pytest.raises(ConfigError, match=r"federation\.clients"):
+        instruct_data.client_partition(settings, 0, 4, 0)
+    settings.partition = "dirichlet"
+    parts = [instruct_data.client_partition(settings, pid, 4, 0) for pid in range(4)]
+    assert sum(len(p) for p in parts) == 15_011 - 80  # the whole training pool, no test record
+    assert not any("test" in p["split"] for p in parts)
+    with pytest.raises(ConfigError, match=r"data\.dataset"):
+        instruct_data.instruct_spec("sst2")
+
+
+def test_missing_or_bad_data_file_is_named(tmp_path):
+    import gzip
+
+    from copra_core.data import DataFileError
+
+    settings = causal_config(**{"data.dir": str(tmp_path)}).data
+    with pytest.raises(DataFileError, match=r"dolly15k\.jsonl\.gz.*data\.dir"):
+        instruct_data.test_split(settings)
+    (tmp_path / "dolly").mkdir()
+    good = {"instruction": "i", "context": "", "response": "r", "category": "open_qa", "split": "test"}
+    with gzip.open(tmp_path / "dolly" / "dolly15k.jsonl.gz", "wt", encoding="utf-8") as handle:
+        handle.write(json.dumps(good) + "\n" + json.dumps({**good, "split": "client_12"}) + "\n")
+    with pytest.raises(ValueError, match=r"dolly15k\.jsonl\.gz:2: unknown split 'client_12'"):
+        instruct_data.test_split(settings)
+
+
+def test_generation_prompts_are_one_per_category():
+    records = instruct_data.generation_records(causal_config().data, 8)
+    assert len(set(records["category"])) == 8
+
+
+# ---------------------------------------------------------------------- formatting and masking
+def test_prompt_tokens_are_masked_and_response_learned(task):
+    record = {"instruction": "Name a colour.", "context": "", "response": "Blue is a colour."}
+    example = task.encode(**record)
+    prompt = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label == -100]
+    learned = [label for label in example["labels"] if label != -100]
+    # The masked part is exactly the prompt (ends with the assistant header), the rest the response.
+    assert task.tokenizer.decode(prompt) == task.render_prompt(record["instruction"], "")
+    assert task.render_prompt("x", "").endswith("<|im_start|>assistant\n")
+    assert task.tokenizer.decode(learned).startswith("Blue is a colour.<|im_end|>")  # the model learns to stop
+    assert example["input_ids"][len(prompt) :] == learned
+
+
+def test_long_context_is_cut_not_the_response(task):
+    max_length = task.config.model.max_length
+    long_context = " ".join(f"word{i}" for i in range(400))
+    example = task.encode("Summarise.", long_context, "A short list of words, many of them.")
+    learned = [label for label in example["labels"] if label != -100]
+    assert len(example["input_ids"]) <= max_length
+    assert task.tokenizer.decode(learned).startswith("A short list of words")
+    assert "word0 word1" in task.tokenizer.decode(example["input_ids"])  # the context's start is kept
+
+
+def test_plain_template_and_bad_settings():
+    from copra_core.tasks import build_task
+
+    plain = build_task(causal_config(**{"causal-lm.template": "plain"}))
+    prompt = plain.render_prompt("Do it.", "Some context.")
+    assert "### Instruction:\nDo it." in prompt and prompt.endswith("### Response:\n")
+    with pytest.raises(ConfigError, match=r"causal\-lm\.min\-response\-tokens"):
+        build_task(causal_config(**{"causal-lm.min-response-tokens": 64}))
+    with pytest.raises(ConfigError, match=r"causal\-lm\.generation\-rounds"):
+        build_task(causal_config(**{"causal-lm.generation-rounds": "1,final"}))
+    with pytest.raises(FileNotFoundError, match=r"model\.name"):
+        build_task(causal_config(**{"model.name": "/nonexistent/model.gguf"}))
+
+
+def test_collate_pads_right_with_ignored_labels(task):
+    examples = [task.encode("Hi.", "", "Hello there, friend."), task.encode("Name a fruit.", "", "Apple.")]
+    batch = task.collate(examples)
+    lengths = [len(e["input_ids"]) for e in examples]
+    short = lengths.index(min(lengths))
+    assert batch["attention_mask"][short, min(lengths) :].sum() == 0
+    assert (batch["labels"][short, min(lengths) :] == -100).all()
+    assert batch["input_ids"].shape[1] == max(lengths)
+
+
+# ---------------------------------------------------------------------- model, loss, generation
+def test_gguf_model_is_a_plain_fp32_model_with_blocks_found(task, peft_model):
+    import gguf
+
+    from copra_core.lora import find_block_list, lora_layers_by_block
+
+    assert not getattr(peft_model.base_model.model, "is_quantized", False)
+    assert {p.dtype for p in peft_model.parameters()} == {torch.float32}
+    prefix, blocks = find_block_list(peft_model)
+    assert prefix.endswith("model.layers") and len(blocks) == 2
+    assert all(
+        {type(m).__name__ for m in group} == {"Linear"} and len(group) == 2
+        for group in lora_layers_by_block(peft_model)
+    )
+    per_block = sum(p.numel() for p in peft_model.parameters() if p.requires_grad) // 2
+    # The untruncated model's block count, from the GGUF header (gguf's reader maps the file lazily).
+    field = gguf.GGUFReader(Path(task.model_path) / task.gguf_file).fields["llama.block_count"]
+    num_blocks = int(field.parts[field.data[0]][0])
+    assert num_blocks == 30
+    assert per_block * num_blocks == 460_800  # LoRA r = 8 on q_proj/v_proj of all 30 blocks
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_decoder_families_from_a_local_folder(task, family, tmp_path):
+    """A Hugging Face causal LM given by path: loaded, LoRA on q_proj/v_proj, blocks found structurally.
+
+    Tiny random-weight models of two other families, saved with SmolLM2's tokenizer (no
+    internet here for real checkpoints); the task code is the same as for the default.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from copra_core.lora import build_peft_model, lora_layers_by_block
+    from copra_core.tasks import build_task
+
+    tiny = AutoConfig.for_model(
+        family,
+        vocab_size=len(task.tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny).save_pretrained(tmp_path)
+    task.tokenizer.save_pretrained(tmp_path)
+    other = build_task(causal_config(**{"model.name": str(tmp_path), "model.num-hidden-layers": 0}))
+    assert other.gguf_file is None
+    base, new_modules = other.load_model()
+    assert base.config.model_type == family and new_modules == []
+    model = build_peft_model(base, other.config.lora, new_modules, seed=0)
+    blocks = lora_layers_by_block(model)
+    assert len(blocks) == 3 and all(len(group) == 2 for group in blocks)  # q_proj and v_proj per block
+    batch = other.collate([other.encode("Name a colour.", "", "Blue.")])
+    loss, stats = other.batch_stats(model, batch)
+    assert math.isfinite(float(loss)) and stats["tokens"] > 0
+
+
+def test_loss_is_hf_loss_on_response_tokens(task, peft_model):
+    examples = [task.encode("Name a colour.", "", "Blue."), task.encode("Count to three.", "", "One, two, three.")]
+    batch = task.collate(examples)
+    with torch.no_grad():
+        loss, stats = task.batch_stats(peft_model, batch)
+        reference = peft_model(**batch).loss  # transformers' own shifted, -100-masked mean
+    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+    learned = sum(sum(label != -100 for label in e["labels"]) for e in examples)
+    assert stats["tokens"] == learned
+    summary = task.summarise(stats)
+    assert summary["perplexity"] == pytest.approx(math.exp(summary["loss"]))
+    assert 0.0 <= summary["token_accuracy"] <= 1.0
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_close_loss(peft_model):
+    from copra_core.tasks import build_task
+
+    bf16 = build_task(causal_config(**{"causal-lm.autocast": "bf16"}))
+    batch = bf16.collate([bf16.encode("Name a colour.", "", "Blue is one.")])
+    with torch.no_grad():
+        loss_bf16, _ = bf16.batch_stats(peft_model, batch)
+        loss_fp32, _ = build_task(causal_config(**{"causal-lm.autocast": "off"})).batch_stats(peft_model, batch)
+    assert float(loss_bf16) == pytest.approx(float(loss_fp32), rel=0.05)
+    assert float(loss_bf16) != float(loss_fp32)  # autocast really changed the arithmetic
+    assert {p.dtype for p in peft_model.parameters()} == {torch.float32}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(task, peft_model):
+    """The mechanism causal-lm.gradient-checkpointing switches on (non-reentrant, frozen embeddings)."""
+    batch = task.collate([task.encode("Name a colour.", "", "Blue is one."), task.encode("Hi.", "", "Hello.")])
+    base = peft_model.base_model.model
+
+    calls = []
+    # transformers checkpoints the block's forward (not __call__), and torch stops a recompute
+    # once it has what backward needs: count the start of the block's first module.
+    hook = base.model.layers[0].input_layernorm.register_forward_pre_hook(lambda *args: calls.append(1))
+
+    def lora_grads() -> tuple[dict[str, torch.Tensor], int]:
+        calls.clear()
+        peft_model.zero_grad(set_to_none=True)
+        loss, _ = task.batch_stats(peft_model, batch)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}, len(calls)
+
+    peft_model.train()
+    try:
+        plain, plain_calls = lora_grads()
+        enable_checkpointing(base)
+        checkpointed, checkpointed_calls = lora_grads()
+    finally:
+        hook.remove()
+        base.activation_checkpointing_disable()  # the fixture's model is shared: leave it as it was
+        peft_model.zero_grad(set_to_none=True)
+        peft_model.eval()
+    assert (plain_calls, checkpointed_calls) == (1, 2)  # the block's forward really ran again in backward
+    assert plain.keys() == checkpointed.keys() and len(plain) == 8  # q and v, A and B, 2 blocks
+    assert any(float(g.abs().sum()) > 0 for g in plain.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_batched_generation_equals_one_by_one(task, peft_model):
+    """Left padding: a short prompt's answer in a batch equals its answer alone."""
+    records = task.generation_set()
+    assert len(records) == 2
+    together = task.generate(peft_model, records, batch_size=2)
+    alone = [task.generate(peft_model, [r], batch_size=1)[0] for r in records]
+    assert together == alone
+
+
+# ---------------------------------------------------------------------- end to end through Flower
+def _started_by(marker: str, pid: int) -> bool:
+    """Whether ``pid`` inherited the environment variable marker of this test's run.
+
+    Ray's processes are not children of the run's process, so they are found by pattern
+    (``FLOWER_AND_RAY``); the marker keeps other simulations on the same machine (another
+    test session, a developer's run) from counting as this run's leftovers.
+    """
+    try:
+        return marker.encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("causal")
+    out = tmp / "run"
+    marker = f"COPRA_TEST_RUN={tmp.name}-{os.getpid()}"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.update([marker.split("=", 1)])
+    args = ["simulate", "--task", "causal_lm", "--quick", "--out", str(out), "--no-display"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", *args],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    leaked = leftovers(lambda: {p for p in pgrep(FLOWER_AND_RAY) if alive(p) and _started_by(marker, p)})
+    assert not leaked, f"processes left running: {leaked}"
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_quick_causal_run_writes_metrics_generations_and_report(quick_run):
+    rows = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        assert math.isfinite(row["global/loss"])
+        assert row["global/perplexity"] == pytest.approx(math.exp(row["global/loss"]), rel=1e-9)
+    for row in rows[1:]:
+        assert row["clients/sampled"] == 2  # 2 of the 10 FedIT clients per round
+        assert all(isinstance(row[k], float) for k in ("barrier/jensen_factor", "barrier/pairwise_max"))
+        assert 0.0 <= row["generation/rougeL"] <= 1.0
+    assert "generation/rougeL" not in rows[0]
+    saved = json.loads((quick_run / "generations.json").read_text())
+    assert sorted(saved["rounds"]) == ["1", "2"]
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for rnd, result in saved["rounds"].items():
+        expected = [
+            scorer.score(p["response"], a)["rougeL"].fmeasure
+            for p, a in zip(saved["prompts"], result["answers"], strict=True)
+        ]
+        assert result["rougeL"] == pytest.approx(sum(expected) / len(expected))
+        assert rows[int(rnd)]["generation/rougeL"] == pytest.approx(result["rougeL"])
+    report = (quick_run / "report.md").read_text()
+    assert "Generations on fixed test prompts" in report and "| round 1 | round 2 |" in report
+    assert "perplexity" in report
+
+
+@pytest.mark.slow
+def test_exported_adapter_reloads_and_generates_the_runs_text(quick_run):
+    """PeftModel.from_pretrained on the dequantised base: the run's last-round texts and loss."""
+    from copra_core.tasks import build_task
+    from copra_core.training import evaluate
+
+    config = causal_config()
+    task = build_task(config)
+    base, _ = task.load_model()
+    model = PeftModel.from_pretrained(base, str(quick_run / "adapter")).eval()
+    saved = json.loads((quick_run / "generations.json").read_text())
+    assert task.generate(model, task.generation_set()) == saved["rounds"]["2"]["answers"]
+    rows = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
+    assert abs(rows[-1]["global/loss"] - rows[0]["global/loss"]) > 1e-3  # the loss check can tell the adapter
+    examples = task.server_examples(config.data.eval_size)
+    result = evaluate(model, task, task.eval_batches(examples, config.diagnostics.batch_size), torch.device("cpu"))
+    assert result["loss"] == pytest.approx(rows[-1]["global/loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_benchmark_reuses_a_run_only_of_the_same_config(quick_run):
+    from benchmarks.causal_lm import QUICK, finished_run_matches, run_config
+
+    assert finished_run_matches(quick_run, run_config("copra", QUICK, 0, quick_run))
+    with pytest.raises(ValueError, match=r"copra\.enabled"):
+        finished_run_matches(quick_run, run_config("lora", QUICK, 0, quick_run))
+    assert not finished_run_matches(quick_run / "missing", run_config("copra", QUICK, 0, quick_run))
