@@ -1,8 +1,9 @@
 """Causal-LM instruction tuning: federated CopRA vs plain LoRA on Dolly-15k's FedIT split.
 
 Both methods run through ``copra-fl simulate``'s code (Flower simulation, the same
-ServerApp/ClientApp) with the same seed, clients sampled per round, initial adapter, steps
-and linear averaging; ``copra.enabled`` is the only difference. Per method:
+ServerApp/ClientApp) with the same seed, the same clients sampled per round (by partition,
+``server/sampling.py``), initial adapter, steps and linear averaging; ``copra.enabled`` is
+the only difference. Per method:
 
 * held-out loss and perplexity per round (the 80-record global test split);
 * the Jensen gap of the aggregate (factor and product space) and the pairwise
@@ -242,9 +243,14 @@ def write_markdown(results: dict[str, dict], settings: dict, command: str, seed:
         "",
         f"Command: `{command}` (seed {seed}; one seed: the numbers carry no error bars). "
         "Both methods: the same initial adapter, steps, schedule and linear averaging; `copra.enabled` is "
-        "the only setting that differs. **The sampled clients differ**: Flower samples node ids, which are "
-        "random in every simulation, so with a fraction of the clients per round the two runs train on "
-        "different clients (table below); that confounds the comparison. Settings: "
+        "the only setting that differs. "
+        + (
+            "Both runs trained the same clients in every round (nodes are drawn by partition with a "
+            "seeded draw per round, `server/sampling.py`; listed below). "
+            if all(results[m]["sampled"] == first["sampled"] for m in methods)
+            else "**The sampled clients differ between the runs** (listed below): that confounds the comparison. "
+        )
+        + "Settings: "
         + ", ".join(f"`{k}={v}`" for k, v in settings.items() if k not in ("task",))
         + ".",
         "",

@@ -116,3 +116,10 @@ def proxy_scores(msg: Message, context: Context) -> Message:
         "probed-b": int(probed),
     }
     return Message(content=RecordDict({"scores": MetricRecord(scores), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("partition")
+def partition(msg: Message, context: Context) -> Message:
+    """This node's partition id, so the server samples by partition (``server/sampling.py``)."""
+    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -38,8 +38,9 @@ MODEL_KEYS = (
     "model.num-hidden-layers",
     "model.max-length",
     *tuple(f"lora.{k}" for k in ("r", "alpha", "dropout", "target-modules", "modules-to-save", "use-rslora")),
-    # The causal-LM task reads these from the config it was built with (formatting, generation).
-    *tuple(k for k in RunConfig().to_flat() if k.startswith("causal-lm.")),
+    # The task reads these from the config it was built with: the data (the head's label
+    # count, the server's evaluation sample) and causal-LM formatting and generation.
+    *tuple(k for k in RunConfig().to_flat() if k.startswith(("data.", "causal-lm."))),
 )
 
 

@@ -187,6 +187,8 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
         # nodes (a dropped node must not stall the federation) as long as enough remain.
         min_available_nodes=config.federation.min_train_nodes,
         allocator=Allocator(config, seeded_state) if config.allocation.enabled else None,
+        sampling_seed=config.seed,
+        partition_timeout=config.federation.wait_for_nodes_s * 10,
     )
     if init_offsets:
         strategy.set_init_offsets(init_offsets)
@@ -199,7 +201,7 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
         bundle.base_offsets.apply(bundle.model, strategy.offsets)
         restore_rng(checkpoint)
     else:
-        random.seed(config.seed)  # Flower samples nodes with Python's random module
+        random.seed(config.seed)  # node sampling seeds its own draws (server/sampling.py)
 
     def write_checkpoint(server_round: int) -> None:
         tensors = {"global": strategy.current, "init_offsets": strategy.init_offsets, "rule": rule.state_dict()}

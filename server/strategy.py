@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +32,7 @@ from copra_core.base_offset import RECORD_KEY as OFFSETS_KEY
 from copra_core.base_offset import module_of
 from copra_core.config import ScreeningSettings
 from copra_core.screening import check_update, norm_outliers, update_norm
+from server.sampling import PartitionOrderedGrid, seeded_draw
 from strategies.base import AggregationRule, ClientUpdate, StrategyContractError
 
 if TYPE_CHECKING:
@@ -66,6 +68,12 @@ class AdapterFedAvg(FedAvg):
     allocator : Allocator, optional
         HeteroLoRA allocation (``server/allocation.py``): re-decided when due, attached to
         every train message; the rule must accept partial replies.
+    sampling_seed : int
+        Seeds each round's draw of nodes (``server/sampling.py``).
+    partition_timeout : float
+        Seconds to wait for a new node's partition id. When a fraction of the nodes is
+        sampled, nodes are drawn by partition, so the same seed picks the same partitions
+        in every run, resumed or not.
     **fedavg_kwargs
         Passed to Flower's ``FedAvg`` (sampling fractions and minimum node counts).
     """
@@ -80,6 +88,8 @@ class AdapterFedAvg(FedAvg):
         base_checksum: Callable[[], int] | None = None,
         screening: ScreeningSettings | None = None,
         allocator: Allocator | None = None,
+        sampling_seed: int = 0,
+        partition_timeout: float = 60.0,
         **fedavg_kwargs: float | int,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -89,6 +99,11 @@ class AdapterFedAvg(FedAvg):
                 f"{type(rule).__name__} averages whole adapters and would read untrained modules as zeros"
             )
         self.allocator = allocator
+        # Only a partial sample depends on the nodes' order; a full one skips the query.
+        self._by_partition = self.fraction_train < 1 or 0 < self.fraction_evaluate < 1
+        self._partition_of: dict[int, int] = {}
+        self.partition_timeout = partition_timeout
+        self.sampling_seed = sampling_seed
         self.rule = rule
         self.transport_dtype = transport_dtype
         self.diagnostics = diagnostics
@@ -140,7 +155,8 @@ class AdapterFedAvg(FedAvg):
         self.round_metrics = {"_t_start": time.perf_counter()}
         if self.allocator is not None and self.allocator.due(server_round):
             self.round_metrics.update(self.allocator.refresh(grid, server_round, self.current))
-        messages = self._with_offsets(super().configure_train(server_round, arrays, config, grid))
+        with self._sampling(grid, server_round, "train") as sampling_grid:
+            messages = self._with_offsets(super().configure_train(server_round, arrays, config, sampling_grid))
         if self.allocator is not None:
             record = self.allocator.record()
             for message in messages:
@@ -156,7 +172,17 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.completed_rounds
-        return self._with_offsets(super().configure_evaluate(server_round, arrays, config, grid))
+        with self._sampling(grid, server_round, "evaluate") as sampling_grid:
+            return self._with_offsets(super().configure_evaluate(server_round, arrays, config, sampling_grid))
+
+    @contextmanager
+    def _sampling(self, grid: Grid, server_round: int, phase: str) -> Iterator[Grid]:
+        """The grid FedAvg draws from (by partition when it draws a subset), under a seeded draw."""
+        if self._by_partition:
+            grid = PartitionOrderedGrid(grid, self._partition_of, self.partition_timeout)  # type: ignore[assignment]
+            grid.refresh()  # the query's messages must not run inside the seeded draw
+        with seeded_draw(self.sampling_seed, server_round, phase):
+            yield grid
 
     def _with_offsets(self, messages: Iterable[Message]) -> list[Message]:
         """Attach the current base offsets (if the rule keeps any) to every message."""

@@ -61,6 +61,9 @@ def test_quick_benchmark_writes_tables_with_numbers(tmp_path):
     summary = json.loads((out / "copra_vs_lora_quick.json").read_text())
     assert len(summary["one_shot"]) == 6  # 3 regimes x 2 methods on SST-2
     assert set(summary["multi_round"]) == {"copra/float32", "copra/float16", "lora/float32", "lora/float16"}
+    # Barrier figures per round (2 quick rounds) from the float32 runs; the float16 runs skip them.
+    assert len(summary["multi_round"]["copra/float32"]["barrier_max"]) == 2
+    assert "barrier_max" not in summary["multi_round"]["copra/float16"]
     # fp16 transport halves the upload.
     up32 = summary["multi_round"]["lora/float32"]["bytes_up_per_client"]
     up16 = summary["multi_round"]["lora/float16"]["bytes_up_per_client"]

@@ -108,3 +108,14 @@ def test_base_offsets_are_applied_to_the_original_weights_and_restored_bit_for_b
             weight.copy_(original)
     with pytest.raises(KeyError, match=r"ends with neither '\.base_offset' nor '\.init_offset'"):
         BaseOffsets().apply(model, {module: offset})
+
+
+def test_a_config_with_other_data_gets_a_model_for_that_data():
+    from copra_core.learner import model_bundle
+
+    sst2 = model_bundle(tiny_config(**{"data.dataset": "sst2"}))
+    ag_news = model_bundle(tiny_config(**{"data.dataset": "ag_news"}))  # same seed and model settings
+    assert ag_news is not sst2
+    assert ag_news.model.base_model.model.classifier.out_features == 4  # AG News' four classes
+    labels = {e["label"] for e in ag_news.task.server_examples(64)}
+    assert labels == {0, 1, 2, 3}

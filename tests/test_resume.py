@@ -136,6 +136,10 @@ def _env(ray_tmp: Path) -> dict[str, str]:
 
 def _command(*extra: str) -> list[str]:
     quick = ["--quick", "--rounds", "4", "--set", "train.local-steps=25"]  # 25 steps: short rounds, same path
+    # 2 of 4 clients per round: the straight and the resumed run (random node ids each)
+    # must sample the same partitions every round (server/sampling.py).
+    quick += ["--set", "federation.clients=4", "--set", "federation.fraction-train=0.5"]
+    quick += ["--set", "federation.fraction-evaluate=0.5"]
     return [sys.executable, "-m", "simulations.cli", "simulate", *quick, "--no-display", *extra]
 
 

@@ -1,0 +1,101 @@
+"""Reproducible client sampling: the same seed samples the same partitions in every run.
+
+Flower's FedAvg samples ``random.sample(list(grid.get_node_ids()), k)`` with Python's
+global RNG. Two things make that draw differ between runs with the same seed:
+
+* node ids are drawn at random by every simulation (and are arbitrary in a deployment),
+  so the same positions name different partitions;
+* Flower's own background code (heartbeats, retry jitter) draws from the same global RNG,
+  so its state at a round's sampling depends on timing, and a resumed run cannot restore it.
+
+With ``federation.fraction-train < 1`` a CopRA-vs-LoRA comparison would then train the two
+methods on different data, and a resumed run would not continue the interrupted one. So
+``PartitionOrderedGrid`` asks each node once for its ``partition-id`` (a tiny
+``query.partition`` message; nothing else leaves the node) and hands FedAvg the node ids
+ordered by partition, and ``seeded_draw`` seeds the global RNG from (seed, round, phase)
+for the draw alone: the sampled partitions are a function of those three.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+log = logging.getLogger(__name__)
+
+QUERY = f"{MessageType.QUERY}.partition"
+
+
+class PartitionOrderedGrid:
+    """A view of ``grid`` whose ``get_node_ids`` lists the nodes ordered by partition id.
+
+    Everything else is delegated to the grid. FedAvg's sampling reads only
+    ``get_node_ids``, so overriding that one call is enough; the strategy's own message
+    flow stays Flower's.
+
+    Parameters
+    ----------
+    grid : Grid
+        The run's grid.
+    partition_of : dict
+        Node id -> partition id, filled as nodes appear (shared across rounds).
+    timeout : float
+        Seconds to wait for the partition replies of newly seen nodes.
+    """
+
+    def __init__(self, grid: Grid, partition_of: dict[int, int], timeout: float) -> None:
+        self._grid = grid
+        self._partition_of = partition_of
+        self._timeout = timeout
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def refresh(self) -> None:
+        """Ask the nodes not seen before for their partition (outside the seeded draw)."""
+        unknown = [n for n in self._grid.get_node_ids() if n not in self._partition_of]
+        if unknown:
+            self._partition_of.update(ask_partitions(self._grid, unknown, self._timeout))
+
+    def get_node_ids(self) -> Iterable[int]:
+        self.refresh()  # a node that joined since refresh() is asked now
+        nodes = list(self._grid.get_node_ids())
+        missing = [n for n in nodes if n not in self._partition_of]
+        if missing:
+            # Not silent: these nodes are still sampled, after the known ones, in node-id order.
+            log.warning("sampling: nodes %s did not report a partition id; sampled after the others", missing)
+        return sorted(nodes, key=lambda n: (n not in self._partition_of, self._partition_of.get(n, 0), n))
+
+
+def ask_partitions(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
+    """Node id -> partition id for ``nodes``, from one ``query.partition`` message each."""
+    messages = [
+        Message(content=RecordDict({"config": ConfigRecord({})}), message_type=QUERY, dst_node_id=node)
+        for node in nodes
+    ]
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    return {
+        r.metadata.src_node_id: int(r.content.metric_records["metrics"]["partition-id"])
+        for r in replies
+        if not r.has_error()
+    }
+
+
+@contextmanager
+def seeded_draw(seed: int, server_round: int, phase: str) -> Iterator[None]:
+    """Seed Python's global RNG for one FedAvg draw, then put its previous state back.
+
+    A string seed is hashed with SHA-512 by ``random.seed``: the same in every process,
+    whatever ``PYTHONHASHSEED`` is.
+    """
+    state = random.getstate()
+    random.seed(f"copra-fl sampling {seed} {phase} {server_round}")
+    try:
+        yield
+    finally:
+        random.setstate(state)
