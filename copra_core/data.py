@@ -232,7 +232,16 @@ def client_splits(settings: DataSettings, partition_id: int, num_partitions: int
     spec = dataset_spec(settings.dataset)
     key = tuple(sorted(vars(settings).items()))
     partitioner = _partitioner_for(resolve_data_dir(settings), spec, key, num_partitions, seed)
-    partition = partitioner.load_partition(partition_id)
+    return split_partition(partitioner.load_partition(partition_id), settings, partition_id, seed)
+
+
+def split_partition(
+    partition: Dataset, settings: DataSettings, partition_id: int, seed: int
+) -> tuple[Dataset, Dataset]:
+    """A client's partition split into (train, local validation): seeded, validation capped.
+
+    Shared by every task's data module, so all clients of all tasks hold out alike.
+    """
     if len(partition) < 2:
         raise ValueError(f"Partition {partition_id} holds {len(partition)} examples; too few to train.")
     split = partition.train_test_split(test_size=settings.val_fraction, seed=seed + partition_id)
@@ -242,13 +251,15 @@ def client_splits(settings: DataSettings, partition_id: int, num_partitions: int
     return split["train"], val
 
 
+def seeded_sample(dataset: Dataset, seed: int, size: int) -> Dataset:
+    """A seeded sample of ``size`` rows (all of them when ``size`` is 0 or not smaller)."""
+    return dataset.shuffle(seed=seed).select(range(size)) if size and size < len(dataset) else dataset
+
+
 def server_eval_split(settings: DataSettings, seed: int, size: int = 0) -> Dataset:
     """The server's fixed evaluation set: the dev split, or a seeded sample of ``size``."""
     spec = dataset_spec(settings.dataset)
-    dev = read_split(resolve_data_dir(settings), spec, "eval")
-    if size and size < len(dev):
-        dev = dev.shuffle(seed=seed).select(range(size))
-    return dev
+    return seeded_sample(read_split(resolve_data_dir(settings), spec, "eval"), seed, size)
 
 
 def calibration_split(settings: DataSettings, seed: int, size: int) -> Dataset:

@@ -7,7 +7,8 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 #: Processes a simulation starts: SuperLink, SuperExec, simulation runtime and Ray's.
@@ -52,3 +53,30 @@ def leftovers(live: Callable[[], set[int]], grace: float = 30.0) -> dict[int, st
         with contextlib.suppress(OSError):
             cmdlines[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
     return cmdlines
+
+
+class RunTag:
+    """An environment variable that marks the processes one test's run starts.
+
+    Ray's daemons are not children of the run's process, so they are found by pattern
+    (``FLOWER_AND_RAY``); every process the run starts inherits the marker, which keeps
+    other simulations on the same machine (another test session, a benchmark, a
+    developer's run) from counting as this run's leftovers.
+    """
+
+    def __init__(self) -> None:
+        self.name, self.value = "COPRA_TEST_RUN", uuid.uuid4().hex
+
+    def env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """``base`` plus the marker: the environment to start the run with."""
+        return {**base, self.name: self.value}
+
+    def carries(self, pid: int) -> bool:
+        try:
+            return f"{self.name}={self.value}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return False
+
+    def live(self) -> set[int]:
+        """The run's Flower and Ray processes still running."""
+        return {p for p in pgrep(FLOWER_AND_RAY) if alive(p) and self.carries(p)}

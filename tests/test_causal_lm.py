@@ -22,7 +22,7 @@ from peft import PeftModel
 from copra_core.config import ConfigError, RunConfig
 from copra_core.tasks import instruct_data
 from copra_core.tasks.causal_lm import enable_checkpointing
-from tests.processes import FLOWER_AND_RAY, alive, leftovers, pgrep
+from tests.processes import RunTag, leftovers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -280,26 +280,12 @@ def test_batched_generation_equals_one_by_one(task, peft_model):
 
 
 # ---------------------------------------------------------------------- end to end through Flower
-def _started_by(marker: str, pid: int) -> bool:
-    """Whether ``pid`` inherited the environment variable marker of this test's run.
-
-    Ray's processes are not children of the run's process, so they are found by pattern
-    (``FLOWER_AND_RAY``); the marker keeps other simulations on the same machine (another
-    test session, a developer's run) from counting as this run's leftovers.
-    """
-    try:
-        return marker.encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("causal")
     out = tmp / "run"
-    marker = f"COPRA_TEST_RUN={tmp.name}-{os.getpid()}"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.update([marker.split("=", 1)])
+    tag = RunTag()
+    env = tag.env(dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
     args = ["simulate", "--task", "causal_lm", "--quick", "--out", str(out), "--no-display"]
     proc = subprocess.run(
         [sys.executable, "-m", "simulations.cli", *args],
@@ -309,7 +295,7 @@ def quick_run(tmp_path_factory):
         text=True,
         timeout=600,
     )
-    leaked = leftovers(lambda: {p for p in pgrep(FLOWER_AND_RAY) if alive(p) and _started_by(marker, p)})
+    leaked = leftovers(tag.live)
     assert not leaked, f"processes left running: {leaked}"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out

@@ -23,7 +23,7 @@ import strategies
 from copra_core.config import ConfigError
 from strategies.base import ClientUpdate, StrategyContractError
 from strategies.linear import LinearAveraging
-from tests.processes import FLOWER_AND_RAY, alive, leftovers, pgrep
+from tests.processes import RunTag, leftovers
 from tests.test_simulation import exported_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,8 +154,8 @@ def test_every_rule_and_plugin_path_runs_through_flower(tmp_path):
     specs = [[name, "", {}] for name in sorted(strategies.BUILTIN)]
     specs += [["geometric_median", "iterations=3", {}], ["copra_example_strategy.rules:GeometricMedian", "", {}]]
     specs += [["tests.test_plugins:RecordsInputKind", "", {"diagnostics.enabled": False}]]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(EXAMPLE), str(ROOT)]))
-    before = pgrep(FLOWER_AND_RAY)
+    tag = RunTag()
+    env = tag.env(dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(EXAMPLE), str(ROOT)])))
     proc = subprocess.run(
         [sys.executable, "-c", RULES_SCRIPT, str(tmp_path / "runs"), json.dumps(specs)],
         cwd=tmp_path,
@@ -164,7 +164,7 @@ def test_every_rule_and_plugin_path_runs_through_flower(tmp_path):
         text=True,
         timeout=1200,
     )
-    leaked = leftovers(lambda: {p for p in pgrep(FLOWER_AND_RAY) - before if alive(p)})
+    leaked = leftovers(tag.live)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     for spec, _, _ in specs:
         check_run(tmp_path / "runs" / spec.replace(":", "_"), spec)

@@ -33,7 +33,7 @@ from copra_core.checkpoint import (
 )
 from copra_core.config import RunConfig
 from strategies.base import ClientUpdate, StrategyContractError
-from tests.processes import FLOWER_AND_RAY, alive, leftovers, pgrep, terminate
+from tests.processes import RunTag, alive, leftovers, pgrep, terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,14 +123,16 @@ def test_a_stateless_rule_refuses_foreign_state():
 
 
 # ---------------------------------------------------------------------- a real kill
-def _env(ray_tmp: Path) -> dict[str, str]:
+def _env(ray_tmp: Path, tag: RunTag) -> dict[str, str]:
     # A TMPDIR of this test's own: Ray's session folder (and so its processes' command
     # lines) then name it, and a killed run's leftovers can be found and stopped. Short,
     # because Ray's socket paths must stay under 107 bytes.
-    return dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        TMPDIR=str(ray_tmp),
+    return tag.env(
+        dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            TMPDIR=str(ray_tmp),
+        )
     )
 
 
@@ -166,8 +168,8 @@ def ray_tmp() -> Iterator[Path]:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_adapter_and_metrics(tmp_path, ray_tmp):
-    before = pgrep(FLOWER_AND_RAY)
-    env = _env(ray_tmp)
+    tag = RunTag()
+    env = _env(ray_tmp, tag)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = subprocess.run(
         _command("--out", str(straight)), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
@@ -219,5 +221,5 @@ def test_killed_run_resumes_to_the_same_adapter_and_metrics(tmp_path, ray_tmp):
     )
     assert refused.returncode == 1
     assert "config differs from the checkpoint's in train.lr (0.01 -> 0.5)" in refused.stderr
-    leaked = leftovers(lambda: {p for p in pgrep(FLOWER_AND_RAY) - before if alive(p)})
+    leaked = leftovers(tag.live)
     assert not leaked, f"processes left running: {leaked}"

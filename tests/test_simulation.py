@@ -19,7 +19,7 @@ import torch
 from peft import PeftModel
 
 from strategies.base import AggregationRule
-from tests.processes import FLOWER_AND_RAY, alive, leftovers, pgrep
+from tests.processes import RunTag, leftovers
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {
@@ -40,10 +40,10 @@ pytestmark = pytest.mark.slow
 
 def _run(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     # The repository root on the path: scripts run from tmp_path import the project.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    before = pgrep(FLOWER_AND_RAY)
+    tag = RunTag()
+    env = tag.env(dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    leaked = leftovers(lambda: {p for p in pgrep(FLOWER_AND_RAY) - before if alive(p)})
+    leaked = leftovers(tag.live)
     assert not leaked, f"processes left running: {leaked}"
     return proc
 

@@ -157,22 +157,14 @@ def client_partition(settings: DataSettings, partition_id: int, num_partitions: 
 
 def client_splits(settings: DataSettings, partition_id: int, num_partitions: int, seed: int) -> tuple[Dataset, Dataset]:
     """One client's (train, local validation) records, as ``copra_core.data.client_splits``."""
-    partition = client_partition(settings, partition_id, num_partitions, seed)
-    if len(partition) < 2:
-        raise ValueError(f"Partition {partition_id} holds {len(partition)} records; too few to train.")
-    split = partition.train_test_split(test_size=settings.val_fraction, seed=seed + partition_id)
-    val = split["test"]
-    if settings.val_max and len(val) > settings.val_max:
-        val = val.select(range(settings.val_max))
-    return split["train"], val
+    return data.split_partition(
+        client_partition(settings, partition_id, num_partitions, seed), settings, partition_id, seed
+    )
 
 
 def server_eval_split(settings: DataSettings, seed: int, size: int = 0) -> Dataset:
     """The server's held-out set: the global test split, or a seeded sample of ``size`` of it."""
-    test = test_split(settings)
-    if size and size < len(test):
-        test = test.shuffle(seed=seed).select(range(size))
-    return test
+    return data.seeded_sample(test_split(settings), seed, size)
 
 
 def calibration_split(settings: DataSettings, seed: int, size: int) -> Dataset:
