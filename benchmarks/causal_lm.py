@@ -255,7 +255,12 @@ def write_markdown(results: dict[str, dict], settings: dict, command: str, seed:
         + ".",
         "",
         "Run time on this machine: "
-        + ", ".join(f"{m} {_p((results[m]['seconds'] or float('nan')) / 60, 1)} min" for m in methods)
+        + ", ".join(
+            f"{m} {_p(results[m]['seconds'] / 60, 1)} min"
+            if results[m]["seconds"]
+            else f"{m}: a reused run (`--reuse-copra`; timed by the command that made it)"
+            for m in methods
+        )
         + " (wall-clock of each federation, including Ray and model start-up).",
         "",
         f"## Held-out loss per round ({eval_size} records of the global test split)",
