@@ -56,15 +56,16 @@ class PartitionOrderedGrid:
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
 
-    def refresh(self) -> None:
-        """Ask the nodes not seen before for their partition (outside the seeded draw)."""
-        unknown = [n for n in self._grid.get_node_ids() if n not in self._partition_of]
+    def refresh(self) -> list[int]:
+        """Ask the nodes not seen before for their partition (outside the seeded draw); the node ids."""
+        nodes = list(self._grid.get_node_ids())
+        unknown = [n for n in nodes if n not in self._partition_of]
         if unknown:
             self._partition_of.update(ask_partitions(self._grid, unknown, self._timeout))
+        return nodes
 
     def get_node_ids(self) -> Iterable[int]:
-        self.refresh()  # a node that joined since refresh() is asked now
-        nodes = list(self._grid.get_node_ids())
+        nodes = self.refresh()  # a node that joined since the strategy's refresh() is asked now
         missing = [n for n in nodes if n not in self._partition_of]
         if missing:
             # Not silent: these nodes are still sampled, after the known ones, in node-id order.
