@@ -6,34 +6,59 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from copra_core.config import RunConfig
 from copra_core.reporting import atomic_write_text
-from simulations.runner import simulate
+from simulations.runner import simulate_many
 
 
 def cached_run(config: RunConfig, cache: Path, keep: Callable[[str], bool], **labels: object) -> dict:
-    """Run one simulated federation (same ServerApp/ClientApp as ``copra-fl simulate``), or read its cache.
+    """One simulated federation (same ServerApp/ClientApp as ``copra-fl simulate``), or its cache."""
+    return cached_runs([(config, cache, labels)], keep)[0]
 
-    The per-round metric rows are kept for the keys ``keep`` accepts; the result is written
-    as JSON to ``cache`` (atomically), so an interrupted benchmark resumes where it stopped.
+
+def cached_runs(
+    jobs: Sequence[tuple[RunConfig, Path, dict[str, object]]],
+    keep: Callable[[str], bool],
+    progress: Callable[[dict], None] = lambda result: None,
+) -> list[dict]:
+    """Results of ``(config, cache file, labels)`` jobs, in order; the uncached ones run in one simulation.
+
+    The runs without a cache go one after the other on the same simulated SuperNodes
+    (``simulate_many``: the nodes start once). Each result keeps the per-round metric rows
+    for the keys ``keep`` accepts and is written as JSON to its cache (atomically) as soon
+    as its run ends, so an interrupted benchmark resumes where it stopped. ``seconds`` is
+    the run's wall-clock time; the first run of a simulation includes the nodes' start.
+    ``progress`` sees each result as it is finished.
     """
-    if cache.exists():
-        return json.loads(cache.read_text())
-    with tempfile.TemporaryDirectory(prefix="copra-bench-") as tmp:
-        config.out_dir = tmp
-        started = time.perf_counter()
-        simulate(config, observers=[lambda row: None])
-        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    result = {
-        **labels,
-        "seconds": time.perf_counter() - started,
-        "rows": [{k: v for k, v in row.items() if keep(k)} for row in rows],
-    }
-    atomic_write_text(cache, json.dumps(result))
-    return result
+    results: dict[Path, dict] = {cache: json.loads(cache.read_text()) for _, cache, _ in jobs if cache.exists()}
+    todo = [(config, cache, labels) for config, cache, labels in jobs if cache not in results]
+    if todo:
+        with tempfile.TemporaryDirectory(prefix="copra-bench-") as tmp:
+            by_out: dict[str, tuple[Path, dict[str, object]]] = {}
+            for index, (config, cache, labels) in enumerate(todo):
+                config.out_dir = str(Path(tmp) / f"run{index}")
+                by_out[config.out_dir] = (cache, labels)
+            clock = [time.perf_counter()]
+
+            def finished(config: RunConfig) -> None:
+                cache, labels = by_out[config.out_dir]
+                rows = [json.loads(line) for line in (Path(config.out_dir) / "metrics.jsonl").read_text().splitlines()]
+                now = time.perf_counter()
+                result = {
+                    **labels,
+                    "seconds": now - clock[0],
+                    "rows": [{k: v for k, v in row.items() if keep(k)} for row in rows],
+                }
+                clock[0] = now
+                atomic_write_text(cache, json.dumps(result))
+                results[cache] = result
+                progress(result)
+
+            simulate_many([config for config, _, _ in todo], observers=[lambda row: None], after_run=finished)
+    return [results[cache] for _, cache, _ in jobs]
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float | None]:

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import strategies
-from benchmarks.common import cached_run, mean_std, pm
+from benchmarks.common import cached_runs, mean_std, pm
 from copra_core.config import RunConfig
 from copra_core.diagnostics import round_diagnostics
 from copra_core.evaluator import ServerEvaluator
@@ -195,7 +195,14 @@ def one_shot(dataset: str, regime: str, method: str, seed: int, overrides: dict,
 
 
 # ---------------------------------------------------------------------- part 2 and 3: multi-round FL
-def multi_round(method: str, seed: int, transport: str, overrides: dict, raw_dir: Path) -> dict:
+#: The multi-round rows keep these keys (and every barrier figure).
+ROUND_KEYS = {"round", "global/accuracy", "global/loss", "comm/bytes_up", "comm/bytes_down", "clients/sampled"}
+
+
+def multi_round_job(
+    method: str, seed: int, transport: str, overrides: dict, raw_dir: Path
+) -> tuple[RunConfig, Path, dict[str, object]]:
+    """One multi-round federation as a ``cached_runs`` job: (config, cache file, labels)."""
     # The float16 runs measure what fp16 transport costs in accuracy and saves in bytes; the
     # barrier figures come from the float32 runs, so the fp16 runs skip the diagnostics
     # (about half of a multi-round run's time).
@@ -203,15 +210,12 @@ def multi_round(method: str, seed: int, transport: str, overrides: dict, raw_dir
         {**BASE, **MULTI_ROUND, **overrides, "seed": seed, "copra.enabled": METHODS[method]}
         | {"federation.transport-dtype": transport, "diagnostics.enabled": transport == "float32"}
     )
-    keep = {"round", "global/accuracy", "global/loss", "comm/bytes_up", "comm/bytes_down", "clients/sampled"}
-    return cached_run(
-        config,
-        raw_dir / f"rounds-{method}-{transport}-seed{seed}.json",
-        lambda key: key in keep or key.startswith("barrier/"),
-        method=method,
-        seed=seed,
-        transport=transport,
-    )
+    labels: dict[str, object] = {"method": method, "seed": seed, "transport": transport}
+    return config, raw_dir / f"rounds-{method}-{transport}-seed{seed}.json", labels
+
+
+def keep_round_key(key: str) -> bool:
+    return key in ROUND_KEYS or key.startswith("barrier/")
 
 
 def centralised(seed: int, overrides: dict, raw_dir: Path) -> dict:
@@ -534,20 +538,23 @@ def main() -> None:
                 )
                 one_shots.append(result)
     round_overrides = dict(overrides) | ({"federation.rounds": 2, "train.local-steps": 4} if args.quick else {})
-    rounds, central = [], []
-    for seed in seeds:
-        for method in METHODS:
-            for transport in ("float32", "float16"):
-                if skip(f"rounds-{method}-{transport}-seed{seed}.json"):
-                    continue
-                result = multi_round(method, seed, transport, round_overrides, raw_dir)
-                print(
-                    f"rounds {method:5s} {transport} seed {seed}: {result['rows'][-1]['global/accuracy']:.3f}",
-                    flush=True,
-                )
-                rounds.append(result)
-        if not skip(f"centralised-seed{seed}.json"):
-            central.append(centralised(seed, round_overrides, raw_dir))
+    # Every multi-round federation in one simulation: the simulated nodes start once.
+    round_jobs = [
+        multi_round_job(method, seed, transport, round_overrides, raw_dir)
+        for seed in seeds
+        for method in METHODS
+        for transport in ("float32", "float16")
+        if not skip(f"rounds-{method}-{transport}-seed{seed}.json")
+    ]
+
+    def show(result: dict) -> None:
+        accuracy = result["rows"][-1]["global/accuracy"]
+        print(f"rounds {result['method']:5s} {result['transport']} seed {result['seed']}: {accuracy:.3f}", flush=True)
+
+    rounds = cached_runs(round_jobs, keep_round_key, progress=show)
+    central = [
+        centralised(seed, round_overrides, raw_dir) for seed in seeds if not skip(f"centralised-seed{seed}.json")
+    ]
     summary = summarise(one_shots, rounds, central)
     command = "python -m benchmarks.copra_vs_lora" + (" --quick" if args.quick else "")
     command += " --investigate" if args.investigate else ""

@@ -3,8 +3,9 @@
 After every round the server writes ``<out-dir>/checkpoint.safetensors``: one file with
 every tensor the run needs to continue (global adapter, base offsets, the initial
 factors LoRA-GA folds into the export, the aggregation rule's state) and, in the
-safetensors header, the round, the flat config, the metrics rows so far and the
-server's RNG states. One file replaced atomically (temporary file + rename) means a kill
+safetensors header, the round, the flat config, the metrics rows so far, the server's
+RNG states and the JSON-able state of server components (``server_state``: the
+HeteroLoRA allocation in force). One file replaced atomically (temporary file + rename) means a kill
 at any moment leaves either the previous round's checkpoint or this round's, never a
 mix. Clients keep nothing between rounds (their batches, CopRA masks and optimiser are
 derived from the seed and the round number), so the server's checkpoint is the whole
@@ -51,6 +52,8 @@ class Checkpoint:
     tensors: dict[str, AdapterState] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)
+    #: JSON-able state of server components, by name (e.g. "allocation": the decision in force).
+    server_state: dict[str, Any] = field(default_factory=dict)
 
 
 def _capture_rng() -> dict[str, Any]:
@@ -84,6 +87,7 @@ def save_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> Path:
         "config": checkpoint.config,
         "metrics": checkpoint.metrics,
         "rng": _capture_rng(),
+        "server_state": checkpoint.server_state,
     }
     path = out_dir / FILE_NAME
     fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=out_dir)
@@ -121,6 +125,7 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
         tensors=tensors,
         metrics=header["metrics"],
         rng=header["rng"] | {"torch": flat["rng/torch"]},
+        server_state=header.get("server_state", {}),
     )
     return checkpoint
 

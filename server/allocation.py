@@ -33,8 +33,6 @@ class Allocator:
         self.config = config
         self.costs = module_costs(template)
         self.current: Allocation | None = None
-        #: Every decision: (round it starts, allocation), for the report's heat map.
-        self.history: list[tuple[int, Allocation]] = []
 
     def due(self, server_round: int) -> bool:
         every = self.config.allocation.every_rounds
@@ -81,7 +79,6 @@ class Allocator:
             budget_params=settings.budget_params,
             seed=self.config.seed * 7919 + server_round,
         )
-        self.history.append((server_round, self.current))
         log.info(
             "allocation for round %d (%s): %d of %d modules, %d trainable LoRA parameters",
             server_round,
@@ -99,6 +96,31 @@ class Allocator:
             "allocation/scoring_s": time.perf_counter() - started,
             "allocation/enabled": list(self.current.modules),
         }
+
+    def state_dict(self) -> dict:
+        """The decision in force, JSON-able (the checkpoint keeps it for a resumed run)."""
+        if self.current is None:
+            return {}
+        return {
+            "modules": list(self.current.modules),
+            "ranking": list(self.current.ranking),
+            "params": self.current.params,
+            "scores": dict(self.current.scores),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue with a checkpointed decision; a dynamic run re-scores on its own schedule."""
+        if not state:
+            return
+        unknown = sorted(set(state["ranking"]) ^ set(self.costs))
+        if unknown:
+            raise ValueError(f"checkpointed allocation does not name this adapter's LoRA modules: {unknown[:3]}")
+        self.current = Allocation(
+            modules=tuple(state["modules"]),
+            ranking=tuple(state["ranking"]),
+            params=int(state["params"]),
+            scores={k: float(v) for k, v in state["scores"].items()},
+        )
 
     def record(self) -> ConfigRecord:
         """The decision as sent to the clients (``client/app.py`` reads it)."""

@@ -94,11 +94,6 @@ def check_allocation(config: RunConfig, rule: strategies.AggregationRule) -> Non
             "Config key 'init.method': allocation.enabled needs init.method=default (LoRA-GA's initial B is "
             "not zero, so untrained modules would not be inactive)."
         )
-    if config.federation.resume:
-        raise ConfigError(
-            "Config key 'federation.resume': resuming a run with allocation.enabled is not supported yet "
-            "(the checkpoint does not hold the allocation)."
-        )
 
 
 def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver] = (log_round,)) -> Path:
@@ -198,6 +193,8 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
     if checkpoint is not None:
         rule.load_state_dict(checkpoint.tensors["rule"])
         strategy.resume(checkpoint.round, checkpoint.tensors["rule_offsets"])
+        if strategy.allocator is not None:  # the allocation in force (a static one is not re-scored)
+            strategy.allocator.load_state_dict(checkpoint.server_state.get("allocation", {}))
         bundle.base_offsets.apply(bundle.model, strategy.offsets)
         restore_rng(checkpoint)
     else:
@@ -206,7 +203,10 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
     def write_checkpoint(server_round: int) -> None:
         tensors = {"global": strategy.current, "init_offsets": strategy.init_offsets, "rule": rule.state_dict()}
         tensors |= {"rule_offsets": strategy.rule_offsets, "initial": initial_state if init_offsets else {}}
-        save_checkpoint(out_dir, Checkpoint(server_round, config.to_flat(), tensors, metrics_log.rows))
+        server_state = {"allocation": strategy.allocator.state_dict()} if strategy.allocator else {}
+        save_checkpoint(
+            out_dir, Checkpoint(server_round, config.to_flat(), tensors, metrics_log.rows, server_state=server_state)
+        )
 
     def end_of_round(flower_round: int, arrays) -> MetricRecord | None:
         """Flower calls this after every round (and once before round 1): evaluate, record, checkpoint."""
@@ -264,14 +264,25 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
     return out_dir
 
 
-def make_server_app(config: RunConfig | None = None, observers: Sequence[RoundObserver] = (log_round,)) -> ServerApp:
-    """A ServerApp bound to ``config`` (``copra-fl simulate``), or reading Flower's run config."""
+def make_server_app(
+    config: RunConfig | Sequence[RunConfig] | None = None,
+    observers: Sequence[RoundObserver] = (log_round,),
+    after_run: Callable[[RunConfig], None] | None = None,
+) -> ServerApp:
+    """A ServerApp bound to ``config`` (``copra-fl simulate``), or reading Flower's run config.
+
+    A sequence of configs is a sweep: the runs go one after the other on the same nodes
+    (``simulations.runner.simulate_many``); ``after_run`` is called after each.
+    """
     server_app = ServerApp()
+    configs = [config] if isinstance(config, RunConfig) else list(config or ())
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_config = config if config is not None else RunConfig.from_flat(dict(context.run_config))
-        run_server(grid, run_config, observers)
+        for run_config in configs or [RunConfig.from_flat(dict(context.run_config))]:
+            run_server(grid, run_config, observers)
+            if after_run is not None:
+                after_run(run_config)
 
     return server_app
 

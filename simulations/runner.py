@@ -12,10 +12,10 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from copra_core.config import RunConfig
+from copra_core.config import ConfigError, RunConfig
 
 #: Set in every process that runs Flower (see FLOWER_NOTES.md).
 FLOWER_ENV = {
@@ -61,17 +61,53 @@ def simulate(
 
     ``client_app`` replaces the project's ClientApp (custom clients, fault injection).
     """
+    return simulate_many([config], observers, verbose, client_app)[0]
+
+
+#: Config keys that decide the simulated SuperNodes: the runs of one sweep must agree on them.
+NODE_KEYS = ("federation.clients", "federation.client-cpus", "federation.client-gpus")
+
+
+def simulate_many(
+    configs: Sequence[RunConfig],
+    observers: Sequence = (),
+    verbose: bool = False,
+    client_app: object | None = None,
+    after_run: Callable[[RunConfig], None] | None = None,
+) -> list[Path]:
+    """Run ``configs`` one after the other in one Flower simulation; return their output folders.
+
+    Each run is a complete ``run_server`` (its own strategy, checkpoints, report) on the same
+    SuperNodes. Starting a simulation's Ray actors costs tens of seconds on a CPU (each
+    imports torch, transformers and PEFT and loads the model), and a sweep (benchmarks,
+    tests) pays it once. A run in a sweep computes what it computes alone: clients keep
+    nothing between messages (the config, adapter and base offsets come with every
+    message; batches, masks and dropout are seeded from the config and the round).
+    ``after_run`` is called after each run (benchmarks cache results as they come).
+    """
+    if not configs:
+        raise ValueError("simulate_many: no configs to run")
+    first = configs[0].to_flat()
+    for config in configs[1:]:
+        flat = config.to_flat()
+        differing = [k for k in NODE_KEYS if flat[k] != first[k]]
+        if differing:
+            raise ConfigError(
+                f"Config key '{differing[0]}': runs of one simulation share its SuperNodes, "
+                f"got {first[differing[0]]!r} and {flat[differing[0]]!r}"
+            )
     os.environ.update(FLOWER_ENV)
     # Ray's future default (keep CUDA_VISIBLE_DEVICES as is when num_gpus=0); silences its warning.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    preflight(config)
+    for config in configs:
+        preflight(config)
     # Imported late: flwr reads the FLWR_* variables at import time.
     from flwr.simulation import run_simulation
 
     from client.app import app as default_client_app
     from server.app import log_round, make_server_app
 
-    server_app = make_server_app(config, observers=tuple(observers) or (log_round,))
+    server_app = make_server_app(list(configs), observers=tuple(observers) or (log_round,), after_run=after_run)
     if not verbose:
         # The console shows our own per-round display; Flower's INFO lines and its
         # deprecation notice for the Python simulation API would drown it.
@@ -79,11 +115,9 @@ def simulate(
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     # Ray's session files go to a private temporary folder that is removed afterwards.
     ray_tmp = tempfile.mkdtemp(prefix="copra-ray-")
+    federation = configs[0].federation
     backend_config = {
-        "client_resources": {
-            "num_cpus": config.federation.client_cpus,
-            "num_gpus": config.federation.client_gpus,
-        },
+        "client_resources": {"num_cpus": federation.client_cpus, "num_gpus": federation.client_gpus},
         "init_args": {
             "_temp_dir": ray_tmp,
             "include_dashboard": False,
@@ -95,10 +129,10 @@ def simulate(
         run_simulation(
             server_app=server_app,
             client_app=client_app or default_client_app,
-            num_supernodes=config.federation.clients,
+            num_supernodes=federation.clients,
             backend_config=backend_config,
             verbose_logging=verbose,
         )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    return Path(config.out_dir)
+    return [Path(config.out_dir) for config in configs]

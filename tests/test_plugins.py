@@ -130,19 +130,21 @@ RULES_SCRIPT = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    from simulations.runner import simulate
+    from simulations.runner import simulate_many
     from tests.conftest import tiny_config
 
     out = Path(sys.argv[1])
-    for spec, options, extra in json.loads(sys.argv[2]):
+    configs = []
+    for index, (spec, options, extra) in enumerate(json.loads(sys.argv[2])):
         config = tiny_config(**{
             "federation.clients": 3, "federation.rounds": 2, "federation.fraction-evaluate": 0.0,
             "model.max-length": 32, "data.eval-size": 32, "diagnostics.sample-size": 16,
             "diagnostics.grid": "0,0.5,1", "strategy.name": spec, "strategy.options": options, **extra,
         })
-        config.out_dir = str(out / spec.replace(":", "_"))
-        simulate(config, observers=[lambda row: None])
-        print("done", spec, flush=True)
+        config.out_dir = str(out / f"{index:02d}-{spec.replace(':', '_')}")
+        configs.append(config)
+    # One simulation, the runs one after the other on the same nodes (each is a whole run).
+    simulate_many(configs, observers=[lambda row: None], after_run=lambda c: print("done", c.out_dir, flush=True))
     """
 )
 
@@ -151,9 +153,12 @@ RULES_SCRIPT = textwrap.dedent(
 def test_every_rule_and_plugin_path_runs_through_flower(tmp_path):
     site = tmp_path / "site"
     _install_dist_info(site, _entry_points_of_example())
-    specs = [[name, "", {}] for name in sorted(strategies.BUILTIN)]
+    specs = [[name, "", {}] for name in ["linear", *sorted(set(strategies.BUILTIN) - {"linear"})]]
     specs += [["geometric_median", "iterations=3", {}], ["copra_example_strategy.rules:GeometricMedian", "", {}]]
     specs += [["tests.test_plugins:RecordsInputKind", "", {"diagnostics.enabled": False}]]
+    # linear again at the end: after every other rule (base offsets, frozen A, ...) on the
+    # same nodes it must compute exactly what it computed first, on fresh nodes.
+    specs += [["linear", "", {}]]
     tag = RunTag()
     env = tag.env(dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(EXAMPLE), str(ROOT)])))
     proc = subprocess.run(
@@ -166,9 +171,17 @@ def test_every_rule_and_plugin_path_runs_through_flower(tmp_path):
     )
     leaked = leftovers(tag.live)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    for spec, _, _ in specs:
-        check_run(tmp_path / "runs" / spec.replace(":", "_"), spec)
+    runs = [tmp_path / "runs" / f"{index:02d}-{spec.replace(':', '_')}" for index, (spec, _, _) in enumerate(specs)]
+    for run, (spec, _, _) in zip(runs, specs, strict=True):
+        check_run(run, spec)
+    first, last = (_untimed_rows(runs[i]) for i in (0, -1))
+    assert first == last
     assert not leaked, f"processes left running: {leaked}"
+
+
+def _untimed_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
 
 
 def check_run(run: Path, spec: str) -> None:

@@ -54,7 +54,8 @@ def test_checkpoint_round_trip_and_rng(tmp_path):
     random.seed(5)
     np.random.seed(6)
     torch.manual_seed(7)
-    save_checkpoint(tmp_path, Checkpoint(1, config, tensors, rows))
+    server_state = {"allocation": {"modules": ["m"], "ranking": ["m", "n"], "params": 24, "scores": {"m": 0.5}}}
+    save_checkpoint(tmp_path, Checkpoint(1, config, tensors, rows, server_state=server_state))
     expected = (random.random(), np.random.rand(), torch.rand(1))
     random.seed(0), np.random.seed(0), torch.manual_seed(0)  # scramble
     loaded = load_checkpoint(tmp_path)
@@ -63,6 +64,7 @@ def test_checkpoint_round_trip_and_rng(tmp_path):
     for key, value in tensors["global"].items():
         assert torch.equal(loaded.tensors["global"][key], value)
     assert int(loaded.tensors["rule"]["round"]) == 3 and loaded.tensors["rule_offsets"] == {}
+    assert loaded.server_state == server_state
     restore_rng(loaded)
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
     assert not [p for p in tmp_path.iterdir() if p.name != FILE_NAME]  # no temporary file left
@@ -142,6 +144,12 @@ def _command(*extra: str) -> list[str]:
     # must sample the same partitions every round (server/sampling.py).
     quick += ["--set", "federation.clients=4", "--set", "federation.fraction-train=0.5"]
     quick += ["--set", "federation.fraction-evaluate=0.5"]
+    # HeteroLoRA allocation, re-scored every 3 rounds: the run is killed after round 2, so
+    # the resumed round 3 must use the checkpointed allocation (without it the server
+    # would score again before round 3) and round 4 re-scores as the straight run does. The plain path's resume is
+    # covered by tests/test_deployment.py (a killed ServerApp).
+    allocation = {"enabled": "true", "every-rounds": "3", "scoring-batches": "2", "client-ranks": "4,8,4,8"}
+    quick += ["--strategy", "masked", *(x for k, v in allocation.items() for x in ("--set", f"allocation.{k}={v}"))]
     return [sys.executable, "-m", "simulations.cli", "simulate", *quick, "--no-display", *extra]
 
 
@@ -155,7 +163,8 @@ def _checkpoint_round(out: Path) -> int:
 
 def _rows(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+    timings = ("time/", "allocation/scoring_s")
+    return [{k: v for k, v in row.items() if not k.startswith(timings)} for row in rows]
 
 
 @pytest.fixture
@@ -205,6 +214,8 @@ def test_killed_run_resumes_to_the_same_adapter_and_metrics(tmp_path, ray_tmp):
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _rows(killed) == _rows(straight)
+    # Scored before rounds 1 and 4 only: round 3 ran on the allocation from the checkpoint.
+    assert [r["round"] for r in _rows(straight) if "allocation/modules" in r] == [1, 4]
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
     b = load_file(killed / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
