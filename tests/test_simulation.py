@@ -18,7 +18,6 @@ import pytest
 import torch
 from peft import PeftModel
 
-from strategies.base import AggregationRule
 from tests.processes import RunTag, leftovers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,16 +128,19 @@ FAULTY_CLIENTS = textwrap.dedent(
     from flwr.clientapp import ClientApp
 
     import client.app as real
-    from simulations.runner import simulate
+    from simulations.runner import simulate_many
     from simulations.scenarios import scenario_config
 
     app = ClientApp()
 
-    def fault(partition, arrays, metrics):
+    def fault(partition, arrays, metrics, screening):
         # Partitions 0 and 1 are honest; each other partition sends one kind of bad update.
+        # Without screening only partition 2 misbehaves (NaN), the fault linear would average.
         first = next(iter(arrays))
         if partition == 2:
             arrays[first] = torch.full_like(arrays[first], float("nan"))
+        elif not screening:
+            pass
         elif partition == 3:
             arrays["bogus." + first] = arrays.pop(first)
         elif partition == 4:
@@ -156,18 +158,23 @@ FAULTY_CLIENTS = textwrap.dedent(
         reply = real.train(msg, context)
         arrays = reply.content.array_records["arrays"].to_torch_state_dict()
         metrics = dict(reply.content.metric_records["metrics"])
-        arrays, metrics = fault(int(context.node_config["partition-id"]), arrays, metrics)
+        screening = bool(msg.content.config_records["config"]["screening.enabled"])
+        arrays, metrics = fault(int(context.node_config["partition-id"]), arrays, metrics, screening)
         content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 
-    config = scenario_config("quick")
-    config.out_dir = sys.argv[1]
-    config.federation.clients = int(sys.argv[2])
-    config.federation.rounds = 2
-    config.federation.fraction_evaluate = 0.0
-    config.train.local_steps = 20
-    config.screening.enabled = sys.argv[3] == "screening"
-    simulate(config, client_app=app)
+    # Two runs on the same eight nodes: with screening (2 rounds), then without (it fails).
+    configs = []
+    for name, screening, rounds in (("screened", True, 2), ("unscreened", False, 1)):
+        config = scenario_config("quick")
+        config.out_dir = f"{sys.argv[1]}/{name}"
+        config.federation.clients = 8
+        config.federation.rounds = rounds
+        config.federation.fraction_evaluate = 0.0
+        config.train.local_steps = 20
+        config.screening.enabled = screening
+        configs.append(config)
+    simulate_many(configs, client_app=app)
     """
 )
 
@@ -181,16 +188,20 @@ REJECTED = {
 }
 
 
-@pytest.mark.slow
-def test_bad_updates_are_rejected_and_the_run_continues(tmp_path):
+@pytest.fixture(scope="module")
+def faulty_runs(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """Six faulty clients, one per fault, and two honest ones, through Flower's simulation."""
-    script = tmp_path / "faulty.py"
+    tmp = tmp_path_factory.mktemp("faulty")
+    script = tmp / "faulty.py"
     script.write_text(FAULTY_CLIENTS)
-    out = tmp_path / "out"
-    proc = _run([sys.executable, str(script), str(out), "8", "screening"], tmp_path, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _run([sys.executable, str(script), str(tmp / "out")], tmp, timeout=900), tmp / "out"
+
+
+def test_bad_updates_are_rejected_and_the_run_continues(faulty_runs):
+    proc, out = faulty_runs
+    out = out / "screened"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]  # both rounds ran to the end
+    assert [r["round"] for r in rows] == [0, 1, 2], proc.stdout[-3000:] + proc.stderr[-3000:]  # both rounds ran
     for row in rows[1:]:
         assert row["clients/sampled"] == 8 and row["clients/rejected"] == 6
         reasons = {r["partition-id"]: r["reason"] for r in row["clients/rejections"]}
@@ -204,15 +215,14 @@ def test_bad_updates_are_rejected_and_the_run_continues(tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_without_screening_a_bad_update_stops_the_run_with_a_named_error(tmp_path):
-    script = tmp_path / "faulty.py"
-    script.write_text(FAULTY_CLIENTS)
-    # Three clients: partition 2 sends NaN, which linear averaging carries into the aggregate.
-    proc = _run([sys.executable, str(script), str(tmp_path / "out"), "3", "off"], tmp_path)
+def test_without_screening_a_bad_update_stops_the_run_with_a_named_error(faulty_runs):
+    """The server checks every rule's aggregate (server/strategy.py): one NaN update made linear's non-finite."""
+    proc, out = faulty_runs
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
     assert "produced non-finite values in round 1" in output, output[-3000:]
-    assert not (tmp_path / "out" / "adapter").exists()  # nothing exported from a failed run
+    assert (out / "unscreened" / "metrics.jsonl").exists()  # the run started
+    assert not (out / "unscreened" / "adapter").exists()  # nothing exported from a failed run
 
 
 def test_bad_config_fails_before_flower_starts(tmp_path):
@@ -229,35 +239,3 @@ def test_bad_config_fails_before_flower_starts(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 1 and "unknown strategy 'nope'" in proc.stderr
-
-
-class NaNOnRealRounds(AggregationRule):
-    """Passes the dry run (tiny example counts), returns NaN in real rounds."""
-
-    def aggregate(self, updates, current):
-        if sum(u.num_examples for u in updates) < 1000:  # the dry run's synthetic clients
-            return {k: v.clone() for k, v in current.items()}
-        return {k: torch.full_like(v, float("nan")) for k, v in current.items()}
-
-
-def test_non_finite_aggregate_stops_the_run_with_a_named_error(tmp_path):
-    proc = _run(
-        [
-            sys.executable,
-            "-m",
-            "simulations.cli",
-            "simulate",
-            "--quick",
-            "--out",
-            str(tmp_path / "out"),
-            "--no-display",
-            "--rounds",
-            "1",
-            "--strategy",
-            "tests.test_simulation:NaNOnRealRounds",
-        ],
-        tmp_path,
-    )
-    assert proc.returncode == 1
-    assert "produced non-finite values in round 1" in proc.stderr, proc.stderr[-3000:]
-    assert not (tmp_path / "out" / "adapter").exists()
