@@ -10,12 +10,15 @@ Methods:
 * ``heterolora/<proxy>``: the candidates the proxy ranks best at rank 8, as many as fit
   the uniform r = 2 trainable-parameter count exactly (``allocation.budget-params``),
   static allocation scored by the clients before round 1, masked averaging;
+* ``heterolora-dynamic/<proxy>``: the same, scored again every ``DYNAMIC_EVERY`` rounds
+  on the current global adapter (``--dynamic``, default alpha_test);
 * ``full_r8``: every candidate at rank 8 (4x the budget), linear averaging.
 
 LoRA alpha is 2r for every rank, so all methods have the same scaling alpha / r = 2 and
 differ only in where the parameters sit. Per run: final server accuracy on the dev set,
 trainable LoRA parameters, bytes up and down per round, and the allocation, drawn as a
-heat map (layer x module type, fraction of seeds that enabled it). Finished runs are
+heat map (layer x module type, fraction of seeds that enabled it; the dynamic arm's
+last allocation). All runs go through one simulation (the nodes start once). Finished runs are
 cached in ``<out>/heterolora_raw/``; a rerun resumes. Writes ``heterolora.md``,
 ``heterolora.json``, ``heterolora_allocation.png``.
 
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import cached_run, mean_std, pm
+from benchmarks.common import cached_runs, mean_std, pm
 from copra_core.allocation.budget import module_costs
 from copra_core.allocation.proxies import PROXIES
 from copra_core.config import RunConfig
@@ -60,6 +63,8 @@ SETTING: dict[str, object] = {
 }
 QUICK: dict[str, object] = {"model.num-hidden-layers": 2, "federation.rounds": 2, "train.local-steps": 6}
 UNIFORM_RANK, FULL_RANK = 2, 8
+#: The dynamic arm re-scores before rounds 1, 1 + N, 1 + 2N, ...
+DYNAMIC_EVERY = 2
 
 
 def method_overrides(method: str, budget_params: int) -> dict[str, object]:
@@ -67,7 +72,7 @@ def method_overrides(method: str, budget_params: int) -> dict[str, object]:
         return {"lora.r": UNIFORM_RANK, "lora.alpha": 2.0 * UNIFORM_RANK}
     if method == "full_r8":
         return {"lora.r": FULL_RANK, "lora.alpha": 2.0 * FULL_RANK}
-    proxy = method.split("/", 1)[1]
+    kind, proxy = method.split("/", 1)
     return {
         "lora.r": FULL_RANK,
         "lora.alpha": 2.0 * FULL_RANK,
@@ -75,6 +80,8 @@ def method_overrides(method: str, budget_params: int) -> dict[str, object]:
         "allocation.enabled": True,
         "allocation.proxy": proxy,
         "allocation.budget-params": budget_params,
+        # heterolora-dynamic: scored again every DYNAMIC_EVERY rounds on the current adapter.
+        "allocation.every-rounds": DYNAMIC_EVERY if kind == "heterolora-dynamic" else 0,
     }
 
 
@@ -90,12 +97,18 @@ def keep(key: str) -> bool:
     return key == "round" or key.startswith(("global/", "comm/", "allocation/", "time/", "strategy/"))
 
 
-def run_one(dataset: str, method: str, seed: int, overrides: dict, budget_params: int, raw_dir: Path) -> dict:
+def cache_file(raw_dir: Path, dataset: str, method: str, seed: int) -> Path:
+    return raw_dir / f"{dataset}-{method.replace('/', '-')}-seed{seed}.json"
+
+
+def job(
+    dataset: str, method: str, seed: int, overrides: dict, budget_params: int, raw_dir: Path
+) -> tuple[RunConfig, Path, dict[str, object]]:
+    """One run as a ``cached_runs`` job: (config, cache file, labels)."""
     config = RunConfig.from_flat(
         {**SETTING, **overrides, **method_overrides(method, budget_params), "data.dataset": dataset, "seed": seed}
     )
-    cache = raw_dir / f"{dataset}-{method.replace('/', '-')}-seed{seed}.json"
-    return cached_run(config, cache, keep, dataset=dataset, method=method, seed=seed)
+    return config, cache_file(raw_dir, dataset, method, seed), {"dataset": dataset, "method": method, "seed": seed}
 
 
 def lora_params(result: dict, budget_params: int) -> int:
@@ -120,10 +133,12 @@ def summarise(results: list[dict], budget_params: int) -> dict:
                 "accuracy": mean_std(final),
                 "per_seed": {r["seed"]: r["rows"][-1]["global/accuracy"] for r in runs},
                 "lora_params": lora_params(runs[0], budget_params),
-                "bytes_up": statistics.fmean(row["comm/bytes_up"] for r in runs for row in r["rows"][1:]),
-                "bytes_down": statistics.fmean(row["comm/bytes_down"] for r in runs for row in r["rows"][1:]),
+                # Per round, with the scoring rounds' traffic (allocation query) spread over the rounds.
+                "bytes_up": statistics.fmean(_traffic(row, "up") for r in runs for row in r["rows"][1:]),
+                "bytes_down": statistics.fmean(_traffic(row, "down") for r in runs for row in r["rows"][1:]),
                 "seconds": statistics.fmean(r["seconds"] for r in runs),
-                "allocations": [r["rows"][1].get("allocation/enabled", []) for r in runs],
+                # The allocation in force at the end (a static one is the one of round 1).
+                "allocations": [_last_allocation(r["rows"]) for r in runs],
             }
     for methods in table.values():
         uniform = methods.get("uniform_r2")
@@ -133,6 +148,15 @@ def summarise(results: list[dict], budget_params: int) -> dict:
                 gains = [100 * (entry["per_seed"][s] - uniform["per_seed"][s]) for s in seeds]
                 entry["gain_vs_uniform_points"] = mean_std(gains) if gains else None
     return table
+
+
+def _traffic(row: dict, direction: str) -> float:
+    return row[f"comm/bytes_{direction}"] + row.get(f"comm/allocation_bytes_{direction}", 0)
+
+
+def _last_allocation(rows: list[dict]) -> list[str]:
+    decided = [row["allocation/enabled"] for row in rows if "allocation/enabled" in row]
+    return decided[-1] if decided else []
 
 
 def heat(allocations: list[list[str]], num_layers: int) -> np.ndarray:
@@ -155,7 +179,7 @@ def _shadowed(rest: str, kind: str) -> bool:
 
 
 def plot_allocations(table: dict, num_layers: int, path: Path) -> None:
-    proxies = [m for m in next(iter(table.values())) if m.startswith("heterolora/")]
+    proxies = [m for m in next(iter(table.values())) if m.startswith(("heterolora/", "heterolora-dynamic/"))]
     if not proxies:
         return
     fig, axes = plt.subplots(
@@ -165,7 +189,8 @@ def plot_allocations(table: dict, num_layers: int, path: Path) -> None:
         for col, method in enumerate(proxies):
             ax = axes[row][col]
             image = ax.imshow(heat(methods[method]["allocations"], num_layers), vmin=0, vmax=1, cmap="viridis")
-            ax.set_title(f"{dataset}: {method.split('/')[1]}", fontsize=9)
+            dynamic = " (dynamic, last)" if method.startswith("heterolora-dynamic/") else ""
+            ax.set_title(f"{dataset}: {method.split('/')[1]}{dynamic}", fontsize=9)
             ax.set_xticks(range(len(MODULE_TYPES)), ["q", "k", "v", "o", "up", "down"], fontsize=7)
             ax.set_yticks(range(num_layers), [str(i) for i in range(num_layers)], fontsize=7)
             if col == 0:
@@ -186,7 +211,8 @@ def write_markdown(table: dict, command: str, seeds: list[int], minutes: float, 
         f"Budget: {budget:,} trainable LoRA parameters (rank 2 on all candidates).",
         "",
         "Accuracy is the server's evaluation of the final global adapter on the dev set. Gain: "
-        "percentage points over uniform r = 2, paired by seed. Bytes: per round, all clients together.",
+        "percentage points over uniform r = 2, paired by seed. Bytes: per round, all clients together, "
+        "with the allocation queries' traffic (adapter down to every node, scores up) spread over the rounds.",
         "",
     ]
     for dataset, methods in table.items():
@@ -222,6 +248,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds.")
     parser.add_argument("--datasets", default="mrpc,sst2", help="Comma-separated datasets.")
     parser.add_argument("--proxies", default=",".join(PROXIES), help="Comma-separated proxies.")
+    parser.add_argument(
+        "--dynamic",
+        default="alpha_test",
+        help=f"Comma-separated proxies also run with dynamic allocation (every {DYNAMIC_EVERY} rounds; '' = none).",
+    )
     parser.add_argument("--quick", action="store_true", help="2-layer model, 2 rounds: a pipeline check.")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="Output folder.")
     parser.add_argument(
@@ -234,24 +265,27 @@ def main() -> None:
     overrides = dict(QUICK) if args.quick else {}
     num_layers = int(overrides.get("model.num-hidden-layers", 6))
     budget = uniform_budget(overrides)
-    methods = ["uniform_r2", *(f"heterolora/{p}" for p in args.proxies.split(",")), "full_r8"]
+    methods = ["uniform_r2", *(f"heterolora/{p}" for p in args.proxies.split(","))]
+    methods += [f"heterolora-dynamic/{p}" for p in args.dynamic.split(",") if p] + ["full_r8"]
     started = time.perf_counter()
-    results = []
-    for dataset in args.datasets.split(","):
-        for seed in seeds:
-            for method in methods:
-                if (
-                    args.report_only
-                    and not (raw_dir / f"{dataset}-{method.replace('/', '-')}-seed{seed}.json").exists()
-                ):
-                    continue
-                result = run_one(dataset, method, seed, overrides, budget, raw_dir)
-                print(
-                    f"{dataset} {method:22s} seed {seed}: {result['rows'][-1]['global/accuracy']:.3f} "
-                    f"({result['seconds']:.0f}s)",
-                    flush=True,
-                )
-                results.append(result)
+    jobs = [
+        job(dataset, method, seed, overrides, budget, raw_dir)
+        for dataset in args.datasets.split(",")
+        for seed in seeds
+        for method in methods
+        if not (args.report_only and not cache_file(raw_dir, dataset, method, seed).exists())
+    ]
+
+    def show(result: dict) -> None:
+        accuracy = result["rows"][-1]["global/accuracy"]
+        print(
+            f"{result['dataset']} {result['method']:30s} seed {result['seed']}: {accuracy:.3f} "
+            f"({result['seconds']:.0f}s)",
+            flush=True,
+        )
+
+    # Every run in one simulation: the simulated nodes start once (runs are cached as they end).
+    results = cached_runs(jobs, keep, progress=show)
     table = summarise(results, budget)
     atomic_write_text(args.out / f"{name}.json", json.dumps(table, indent=1))
     plot_allocations(table, num_layers, args.out / f"{name}_allocation.png")

@@ -64,6 +64,12 @@ class LoraSettings:
         default="auto,pooler",
     )
     use_rslora: bool = _help("rsLoRA scaling alpha / sqrt(r).", default=False)
+    shortcuts: bool = _help(
+        "Also LoRA on a shortcut around every transformer block, block(h) + (alpha / r) B A h (HeteroLoRA's "
+        "extended candidates; zero at start). To reload the exported adapter, call "
+        "copra_core.shortcuts.add_shortcuts(base) before PeftModel.from_pretrained.",
+        default=False,
+    )
     freeze_a: bool = _help(
         "Keep every LoRA A at its shared initialisation and train only B (FFA-LoRA; the 'ffa' strategy sets it).",
         default=False,

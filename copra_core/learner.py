@@ -37,7 +37,9 @@ MODEL_KEYS = (
     "model.name",
     "model.num-hidden-layers",
     "model.max-length",
-    *tuple(f"lora.{k}" for k in ("r", "alpha", "dropout", "target-modules", "modules-to-save", "use-rslora")),
+    *tuple(
+        f"lora.{k}" for k in ("r", "alpha", "dropout", "target-modules", "modules-to-save", "use-rslora", "shortcuts")
+    ),
     # The task reads these from the config it was built with: the data (the head's label
     # count, the server's evaluation sample) and causal-LM formatting and generation.
     *tuple(k for k in RunConfig().to_flat() if k.startswith(("data.", "causal-lm."))),

@@ -31,6 +31,11 @@ def build_peft_model(base: nn.Module, settings: LoraSettings, new_modules: list[
     adapter, otherwise every process would hold a different random head.
     """
     targets = split_csv(settings.target_modules)
+    if settings.shortcuts:
+        from copra_core.shortcuts import SHORTCUT, add_shortcuts  # it needs find_block_list from here
+
+        add_shortcuts(base)
+        targets.append(SHORTCUT)
     module_names = [name for name, _ in base.named_modules()]
     for target in targets:
         if not any(name == target or name.endswith("." + target) for name in module_names):

@@ -18,12 +18,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from copra_core.adapters import array_record_nbytes
 from copra_core.allocation.budget import Allocation, allocate, module_costs, weighted_scores
 from copra_core.config import RunConfig
 
 log = logging.getLogger(__name__)
 
 QUERY = f"{MessageType.QUERY}.proxy_scores"
+#: A MetricRecord value is a float64.
+SCORE_BYTES = 8
 
 
 class Allocator:
@@ -42,12 +45,8 @@ class Allocator:
         """Collect the clients' scores at ``state`` and decide; returns ``allocation/*`` metrics."""
         started = time.perf_counter()
         settings = self.config.allocation
-        content = RecordDict(
-            {
-                "arrays": ArrayRecord({k: v.contiguous() for k, v in state.items()}),
-                "config": ConfigRecord(self.config.to_flat()),
-            }
-        )
+        arrays = ArrayRecord({k: v.contiguous() for k, v in state.items()})
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord(self.config.to_flat())})
         nodes = list(grid.get_node_ids())
         messages = [Message(content=content, message_type=QUERY, dst_node_id=node) for node in nodes]
         # Bounded like round 0's gradient query: a silent node must not hang the run.
@@ -94,6 +93,9 @@ class Allocator:
             "allocation/clients": len(valid),
             "allocation/probed_b": int(any(r.content.metric_records["metrics"]["probed-b"] for r in valid)),
             "allocation/scoring_s": time.perf_counter() - started,
+            # The scoring round's traffic: the adapter down to every node, one score per module up.
+            "comm/allocation_bytes_down": array_record_nbytes(arrays) * len(nodes),
+            "comm/allocation_bytes_up": sum(SCORE_BYTES * len(scores) for scores, _ in per_client),
             "allocation/enabled": list(self.current.modules),
         }
 

@@ -495,6 +495,109 @@ def test_export_round_trip_with_rank_pattern(bundle, tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------------- shortcut connections
+@pytest.fixture(scope="module")
+def shortcut_bundle():
+    from copra_core.learner import model_bundle
+    from tests.conftest import tiny_config
+
+    return model_bundle(tiny_config(**{"lora.shortcuts": True}))
+
+
+def _block_io(bundle, index: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input hidden states and output hidden states of block ``index``."""
+    from copra_core.lora import find_block_list
+
+    _, blocks = find_block_list(bundle.model)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(module, args, kwargs, output):
+        seen["in"] = args[0] if args else kwargs["hidden_states"]
+        seen["out"] = output[0] if isinstance(output, tuple) else output
+
+    handle = blocks[index].register_forward_hook(grab, with_kwargs=True)  # after the shortcut's hook
+    try:
+        with torch.no_grad():
+            bundle.model(**batch)
+    finally:
+        handle.remove()
+    return seen["in"], seen["out"]
+
+
+def test_shortcut_adds_scaled_b_a_h_to_the_block_output(shortcut_bundle, bundle):
+    """block(h) + (alpha / r) B A h, against the block without the shortcut's LoRA; zero at B = 0."""
+    current = shortcut_bundle.initial_state()
+    shortcuts = sorted(k[: -len(LORA_A)] for k in current if k.endswith(LORA_A) and "block_shortcut" in k)
+    assert len(shortcuts) == 2 and all(".layer.0." in shortcuts[0] or ".layer.1." in s for s in shortcuts)
+    batch = next(iter(bundle.task.eval_batches(bundle.task.server_examples(8), 8)))
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    shortcut_bundle.model.eval()
+    set_adapter_state(shortcut_bundle.model, current)
+    h_zero, out_zero = _block_io(shortcut_bundle, 1, batch)
+    # At B = 0 the model is the model without shortcuts (same seed, same adapter elsewhere).
+    set_adapter_state(bundle.model, bundle.initial_state())
+    bundle.model.eval()
+    _, out_plain = _block_io(bundle, 1, batch)
+    torch.testing.assert_close(out_zero, out_plain, rtol=0, atol=1e-6)
+
+    module = shortcuts[1]
+    state = {k: v.clone() for k, v in current.items()}
+    state[module + LORA_B] = 0.05 * torch.randn(
+        state[module + LORA_B].shape, generator=torch.Generator().manual_seed(1)
+    )
+    set_adapter_state(shortcut_bundle.model, state)
+    h, out = _block_io(shortcut_bundle, 1, batch)
+    torch.testing.assert_close(h, h_zero)  # block 0 is unchanged
+    scaling = shortcut_bundle.config.lora.alpha / shortcut_bundle.config.lora.r
+    expected = out_zero + scaling * h @ state[module + LORA_A].T @ state[module + LORA_B].T
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    set_adapter_state(shortcut_bundle.model, current)
+
+
+def test_shortcuts_are_candidates_of_their_block(shortcut_bundle):
+    """CopRA drops a shortcut with its block; HeteroLoRA counts it at r (d + d)."""
+    from copra_core.lora import lora_layers_by_block
+
+    by_block = lora_layers_by_block(shortcut_bundle.model)
+    for index, layers in enumerate(by_block):
+        names = {name for layer in layers for name, m in shortcut_bundle.model.named_modules() if m is layer}
+        assert any(n.endswith(f"layer.{index}.block_shortcut") for n in names), names
+    costs = module_costs(shortcut_bundle.initial_state())
+    hidden = shortcut_bundle.model.config.hidden_size
+    shortcut_costs = [c for m, c in costs.items() if m.endswith("block_shortcut")]
+    assert shortcut_costs == [shortcut_bundle.config.lora.r * 2 * hidden] * 2
+
+
+def test_export_with_shortcuts_reloads_after_add_shortcuts(shortcut_bundle, tmp_path):
+    from copra_core.shortcuts import add_shortcuts
+    from copra_core.tasks import build_task
+
+    current = shortcut_bundle.initial_state()
+    state = {k: v.clone() for k, v in current.items()}
+    generator = torch.Generator().manual_seed(2)
+    for key in state:
+        if key.endswith(LORA_B):
+            state[key][:, :4] = 0.05 * torch.randn(state[key].shape[0], 4, generator=generator)
+    out = export_allocated_adapter(shortcut_bundle.model, state, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert any(m.endswith("block_shortcut") for m in config["target_modules"])
+    set_adapter_state(shortcut_bundle.model, state)
+    batch = next(iter(shortcut_bundle.task.eval_batches(shortcut_bundle.task.server_examples(8), 8)))
+    shortcut_bundle.model.eval()
+    with torch.no_grad():
+        expected = shortcut_bundle.model(**batch).logits
+        base, _ = build_task(shortcut_bundle.config).load_model()
+        # The plain base lacks the modules: PEFT only warns and leaves the shortcuts out.
+        with pytest.warns(RuntimeWarning, match="block_shortcut"):
+            without = PeftModel.from_pretrained(base, str(out)).eval()(**batch).logits
+        assert not torch.allclose(without, expected, atol=1e-4)
+        base, _ = build_task(shortcut_bundle.config).load_model()
+        add_shortcuts(base)
+        got = PeftModel.from_pretrained(base, str(out)).eval()(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    set_adapter_state(shortcut_bundle.model, current)
+
+
 def test_module_costs_are_rank_times_in_plus_out():
     state = global_state()
     assert module_costs(state) == {m: RANK * (d_in + d_out) for m, (d_out, d_in) in SHAPES.items()}
@@ -510,6 +613,7 @@ def test_allocated_federation_through_flower(tmp_path):
     out = tmp_path / "run"
     sets = {
         "lora.target-modules": "query,key,value,dense",
+        "lora.shortcuts": "true",  # + one shortcut per block: 14 candidates
         "allocation.enabled": "true",
         "allocation.budget": "0.25",
         "allocation.every-rounds": "1",
@@ -525,9 +629,12 @@ def test_allocated_federation_through_flower(tmp_path):
     state = load_checkpoint(out).tensors["global"]
     costs = module_costs(state)  # rank 8 costs
     for row in rows[1:]:
-        assert row["allocation/candidates"] == 12 and row["allocation/modules"] == 3  # floor(0.25 * 12), re-scored
+        assert row["allocation/candidates"] == 14 and row["allocation/modules"] == 3  # floor(0.25 * 14), re-scored
         enabled = row["allocation/enabled"]
         assert row["allocation/params"] == sum(costs[m] for m in enabled)
+        # The scoring query: the whole adapter down to both clients, one float64 per candidate back.
+        assert row["comm/allocation_bytes_down"] == 2 * array_record_nbytes(to_array_record(state))
+        assert row["comm/allocation_bytes_up"] == 2 * 8 * 14
         # Only the enabled modules travel up, at each client's rank (2 and 4 of 8), plus the head.
         replies = [partial_state(state, ClientPlan(tuple(enabled), rank)) for rank in (2, 4)]
         assert row["comm/bytes_up"] == sum(array_record_nbytes(to_array_record(r)) for r in replies)

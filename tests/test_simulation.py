@@ -95,6 +95,7 @@ def exported_accuracy(run_dir: Path) -> float:
     """
     from copra_core.base_offset import apply_saved_offsets
     from copra_core.config import RunConfig
+    from copra_core.shortcuts import add_shortcuts
     from copra_core.tasks import build_task
 
     config = RunConfig()
@@ -107,6 +108,8 @@ def exported_accuracy(run_dir: Path) -> float:
             setattr(config, section, values)
     task = build_task(config)
     base, _ = task.load_model()
+    if config.lora.shortcuts:  # the modules the adapter's shortcuts live in (copra_core/shortcuts.py)
+        add_shortcuts(base)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     if (run_dir / "base_offset.safetensors").exists():
         apply_saved_offsets(model, run_dir / "base_offset.safetensors")
