@@ -14,15 +14,18 @@ from copra_core.reporting import atomic_write_text
 from simulations.runner import simulate_many
 
 
-def cached_run(config: RunConfig, cache: Path, keep: Callable[[str], bool], **labels: object) -> dict:
+def cached_run(
+    config: RunConfig, cache: Path, keep: Callable[[str], bool], check_config: bool = True, **labels: object
+) -> dict:
     """One simulated federation (same ServerApp/ClientApp as ``copra-fl simulate``), or its cache."""
-    return cached_runs([(config, cache, labels)], keep)[0]
+    return cached_runs([(config, cache, labels)], keep, check_config=check_config)[0]
 
 
 def cached_runs(
     jobs: Sequence[tuple[RunConfig, Path, dict[str, object]]],
     keep: Callable[[str], bool],
     progress: Callable[[dict], None] = lambda result: None,
+    check_config: bool = True,
 ) -> list[dict]:
     """Results of ``(config, cache file, labels)`` jobs, in order; the uncached ones run in one simulation.
 
@@ -31,9 +34,17 @@ def cached_runs(
     for the keys ``keep`` accepts and is written as JSON to its cache (atomically) as soon
     as its run ends, so an interrupted benchmark resumes where it stopped. ``seconds`` is
     the run's wall-clock time; the first run of a simulation includes the nodes' start.
-    ``progress`` sees each result as it is finished.
+    ``progress`` sees each result as it is finished. A cache holds its run's config: one
+    written for another config (the benchmark's setting changed since) is an error naming
+    the file, not a silently reused result; ``check_config=False`` (a report over whatever
+    is cached) skips the check.
     """
-    results: dict[Path, dict] = {cache: json.loads(cache.read_text()) for _, cache, _ in jobs if cache.exists()}
+    results: dict[Path, dict] = {}
+    for config, cache, _ in jobs:
+        if cache.exists():
+            results[cache] = json.loads(cache.read_text())
+            if check_config:
+                _check_cached_config(cache, results[cache].get("config"), config)
     todo = [(config, cache, labels) for config, cache, labels in jobs if cache not in results]
     if todo:
         with tempfile.TemporaryDirectory(prefix="copra-bench-") as tmp:
@@ -49,6 +60,7 @@ def cached_runs(
                 now = time.perf_counter()
                 result = {
                     **labels,
+                    "config": _comparable(config),
                     "seconds": now - clock[0],
                     "rows": [{k: v for k, v in row.items() if keep(k)} for row in rows],
                 }
@@ -59,6 +71,21 @@ def cached_runs(
 
             simulate_many([config for config, _, _ in todo], observers=[lambda row: None], after_run=finished)
     return [results[cache] for _, cache, _ in jobs]
+
+
+def _comparable(config: RunConfig) -> dict:
+    return {k: v for k, v in config.to_flat().items() if k != "out-dir"}
+
+
+def _check_cached_config(cache: Path, saved: dict | None, config: RunConfig) -> None:
+    current = _comparable(config)
+    if saved is None:
+        raise ValueError(f"{cache} was written without its config: move it away to run this setting again")
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differing:
+        raise ValueError(
+            f"{cache} holds a run of another config (keys {differing[:5]}): move it away to run this setting"
+        )
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float | None]:

@@ -551,7 +551,7 @@ def main() -> None:
         accuracy = result["rows"][-1]["global/accuracy"]
         print(f"rounds {result['method']:5s} {result['transport']} seed {result['seed']}: {accuracy:.3f}", flush=True)
 
-    rounds = cached_runs(round_jobs, keep_round_key, progress=show)
+    rounds = cached_runs(round_jobs, keep_round_key, progress=show, check_config=not args.report_only)
     central = [
         centralised(seed, round_overrides, raw_dir) for seed in seeds if not skip(f"centralised-seed{seed}.json")
     ]

@@ -31,6 +31,25 @@ def test_merge_deficit_is_weighted_mean_minus_merged():
     assert merge_deficit([0.5, 0.5], [1, 1], 0.8) == pytest.approx(-0.3)  # merging can help
 
 
+def test_a_cache_of_another_config_is_refused_not_reused(tmp_path):
+    """cached_runs returns a cache of the same config without running; another config's is an error."""
+    from benchmarks.common import _comparable, cached_runs
+    from copra_core.config import RunConfig
+
+    config = RunConfig.from_flat({"seed": 3, "train.local-steps": 7})
+    cache = tmp_path / "run.json"
+    cache.write_text(json.dumps({"seed": 3, "config": _comparable(config), "rows": [{"round": 0}]}))
+    assert cached_runs([(config, cache, {})], lambda key: True)[0]["rows"] == [{"round": 0}]
+    changed = RunConfig.from_flat({"seed": 3, "train.local-steps": 8})
+    with pytest.raises(ValueError, match=r"run\.json holds a run of another config \(keys \['train\.local-steps'\]"):
+        cached_runs([(changed, cache, {})], lambda key: True)
+    # A report over whatever is cached reads it anyway.
+    assert cached_runs([(changed, cache, {})], lambda key: True, check_config=False)[0]["seed"] == 3
+    cache.write_text(json.dumps({"seed": 3, "rows": []}))  # an old cache, without its config
+    with pytest.raises(ValueError, match="written without its config"):
+        cached_runs([(config, cache, {})], lambda key: True)
+
+
 def test_cli_benchmark_names_unknown_benchmarks():
     from typer.testing import CliRunner
 
