@@ -4,10 +4,11 @@ HeteroLoRA (arXiv 2406.14956) widens the search space with a low-rank map from a
 input straight to its output: ``h_out = block(h_in) + (alpha / r) * B A h_in``. Here the
 shortcut is a plain ``nn.Linear(d, d)`` child of the block with a frozen zero weight,
 added to the block's output by a forward hook, and PEFT puts LoRA on it like on any other
-projection (target module name ``block_shortcut``; not ``lora_...``, which PEFT reserves for its own parameters). At B = 0 the model computes exactly
-what it computed without shortcuts, and everything downstream (CopRA's block dropping,
-allocation, masked averaging, barrier diagnostics, PEFT export) treats the shortcut as
-one more LoRA module of its block: no special case anywhere else.
+projection (target module name ``block_shortcut``; not ``lora_...``, a prefix PEFT
+reserves for its own parameters). At B = 0 the model computes exactly what it computed
+without shortcuts, and everything downstream (CopRA's block dropping, allocation, masked
+averaging, barrier diagnostics, PEFT export) treats the shortcut as one more LoRA module
+of its block: no special case anywhere else.
 
 An exported adapter with shortcuts names ``block_shortcut`` modules the plain base model
 does not have: call :func:`add_shortcuts` on the base before ``PeftModel.from_pretrained``.
