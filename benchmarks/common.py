@@ -41,10 +41,9 @@ def cached_runs(
     """
     results: dict[Path, dict] = {}
     for config, cache, _ in jobs:
-        if cache.exists():
-            results[cache] = json.loads(cache.read_text())
-            if check_config:
-                _check_cached_config(cache, results[cache].get("config"), config)
+        cached = read_cache(cache, config, check_config)
+        if cached is not None:
+            results[cache] = cached
     todo = [(config, cache, labels) for config, cache, labels in jobs if cache not in results]
     if todo:
         with tempfile.TemporaryDirectory(prefix="copra-bench-") as tmp:
@@ -60,7 +59,7 @@ def cached_runs(
                 now = time.perf_counter()
                 result = {
                     **labels,
-                    "config": _comparable(config),
+                    "config": comparable_config(config),
                     "seconds": now - clock[0],
                     "rows": [{k: v for k, v in row.items() if keep(k)} for row in rows],
                 }
@@ -73,12 +72,23 @@ def cached_runs(
     return [results[cache] for _, cache, _ in jobs]
 
 
-def _comparable(config: RunConfig) -> dict:
+def comparable_config(config: RunConfig) -> dict:
+    """The flat config a cache stores and is checked against (the output folder aside)."""
     return {k: v for k, v in config.to_flat().items() if k != "out-dir"}
 
 
+def read_cache(cache: Path, config: RunConfig, check_config: bool = True) -> dict | None:
+    """The result cached in ``cache`` (None if there is none), refused if another config wrote it."""
+    if not cache.exists():
+        return None
+    result = json.loads(cache.read_text())
+    if check_config:
+        _check_cached_config(cache, result.get("config"), config)
+    return result
+
+
 def _check_cached_config(cache: Path, saved: dict | None, config: RunConfig) -> None:
-    current = _comparable(config)
+    current = comparable_config(config)
     if saved is None:
         raise ValueError(f"{cache} was written without its config: move it away to run this setting again")
     differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))

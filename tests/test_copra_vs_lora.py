@@ -33,12 +33,12 @@ def test_merge_deficit_is_weighted_mean_minus_merged():
 
 def test_a_cache_of_another_config_is_refused_not_reused(tmp_path):
     """cached_runs returns a cache of the same config without running; another config's is an error."""
-    from benchmarks.common import _comparable, cached_runs
+    from benchmarks.common import cached_runs, comparable_config
     from copra_core.config import RunConfig
 
     config = RunConfig.from_flat({"seed": 3, "train.local-steps": 7})
     cache = tmp_path / "run.json"
-    cache.write_text(json.dumps({"seed": 3, "config": _comparable(config), "rows": [{"round": 0}]}))
+    cache.write_text(json.dumps({"seed": 3, "config": comparable_config(config), "rows": [{"round": 0}]}))
     assert cached_runs([(config, cache, {})], lambda key: True)[0]["rows"] == [{"round": 0}]
     changed = RunConfig.from_flat({"seed": 3, "train.local-steps": 8})
     with pytest.raises(ValueError, match=r"run\.json holds a run of another config \(keys \['train\.local-steps'\]"):
