@@ -16,6 +16,7 @@ from copra_core.allocation.masking import RECORD_KEY as ALLOCATION_KEY
 from copra_core.base_offset import RECORD_KEY as OFFSETS_KEY
 from copra_core.config import RunConfig, split_csv
 from copra_core.learner import ClientLearner
+from copra_core.training import SUM_PREFIX
 
 app = ClientApp()
 
@@ -82,8 +83,15 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     learner, _, _ = _learner(msg, context)
     state = from_array_record(msg.content.array_records["arrays"])
-    result = learner.evaluate(state, _base_offset(msg))
-    metrics = MetricRecord({**result, "num-examples": len(learner.val_examples)})
+    sums = learner.evaluation_sums(state, _base_offset(msg))
+    # The sums travel too: the server pools them into exact metrics of all clients' examples.
+    metrics = MetricRecord(
+        {
+            **learner.bundle.task.summarise(sums),
+            **{SUM_PREFIX + key: value for key, value in sums.items()},
+            "num-examples": len(learner.val_examples),
+        }
+    )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 

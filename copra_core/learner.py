@@ -25,7 +25,7 @@ from copra_core.device import resolve_device
 from copra_core.init.gradients import estimate_weight_gradients
 from copra_core.lora import build_peft_model, lora_layers_by_block
 from copra_core.tasks import Batch, Task, build_task
-from copra_core.training import RoundSchedule, evaluate, train_local
+from copra_core.training import RoundSchedule, evaluation_sums, train_local
 
 log = logging.getLogger(__name__)
 
@@ -230,12 +230,18 @@ class ClientLearner:
             seed=seed,
         )
 
-    def evaluate(self, state: AdapterState, base_offset: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+    def evaluation_sums(
+        self, state: AdapterState, base_offset: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """The task's additive statistics of ``state`` on this client's validation examples."""
         bundle = self.bundle
         set_adapter_state(bundle.model, state)
         bundle.base_offsets.apply(bundle.model, base_offset or {})
         batches = bundle.task.eval_batches(self.val_examples, self.config.diagnostics.batch_size)
-        return evaluate(bundle.model, bundle.task, batches, bundle.device)
+        return evaluation_sums(bundle.model, bundle.task, batches, bundle.device)
+
+    def evaluate(self, state: AdapterState, base_offset: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+        return self.bundle.task.summarise(self.evaluation_sums(state, base_offset))
 
     def gradient_estimate(self, state: AdapterState) -> dict[str, torch.Tensor]:
         """This client's full-weight gradient estimate for LoRA-GA (``init.source=clients``)."""

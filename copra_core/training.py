@@ -122,9 +122,17 @@ def frozen(params: list[nn.Parameter]) -> Iterator[None]:
             param.requires_grad_(True)
 
 
+#: Metric-record prefix of the additive evaluation statistics a client sends beside its
+#: metrics, so the server can pool clients exactly (``server.strategy.pooled_metrics``).
+SUM_PREFIX = "sum/"
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
-    """Loss and the task metric over ``batches`` (all blocks active: callers ensure it)."""
+def evaluation_sums(model: nn.Module, task: Task, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
+    """The task's additive statistics over ``batches`` (all blocks active: callers ensure it).
+
+    Additive, so the sums of several clients pool exactly (``task.summarise`` of their total).
+    """
     model.eval()
     sums: dict[str, float] = {}
     for batch in batches:
@@ -132,4 +140,9 @@ def evaluate(model: nn.Module, task: Task, batches: Iterable[Batch], device: tor
         _, stats = task.batch_stats(model, batch)
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value
-    return task.summarise(sums)
+    return sums
+
+
+def evaluate(model: nn.Module, task: Task, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
+    """Loss and the task metric over ``batches`` (all blocks active: callers ensure it)."""
+    return task.summarise(evaluation_sums(model, task, batches, device))

@@ -43,6 +43,7 @@ from copra_core.learner import model_bundle
 from copra_core.reporting import MetricsLog, atomic_write_text, write_report
 from server.allocation import Allocator
 from server.initialisation import initial_adapter
+from server.metrics import pooled_metrics
 from server.strategy import AdapterFedAvg
 from strategies.base import ClientUpdate
 
@@ -184,6 +185,7 @@ def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver]
         allocator=Allocator(config, seeded_state) if config.allocation.enabled else None,
         sampling_seed=config.seed,
         partition_timeout=config.federation.wait_for_nodes_s * 10,
+        evaluate_metrics_aggr_fn=pooled_metrics(bundle.task.summarise),
     )
     if init_offsets:
         strategy.set_init_offsets(init_offsets)

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -75,7 +75,8 @@ class AdapterFedAvg(FedAvg):
         sampled, nodes are drawn by partition, so the same seed picks the same partitions
         in every run, resumed or not.
     **fedavg_kwargs
-        Passed to Flower's ``FedAvg`` (sampling fractions and minimum node counts).
+        Passed to Flower's ``FedAvg`` (sampling fractions, minimum node counts and the
+        federated-evaluation metrics aggregation, ``server.metrics.pooled_metrics``).
     """
 
     def __init__(
@@ -90,7 +91,7 @@ class AdapterFedAvg(FedAvg):
         allocator: Allocator | None = None,
         sampling_seed: int = 0,
         partition_timeout: float = 60.0,
-        **fedavg_kwargs: float | int,
+        **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
         if allocator is not None and not rule.partial_updates:

@@ -93,6 +93,18 @@ def exported_accuracy(run_dir: Path) -> float:
     With ``base_offset.safetensors`` present (strategies that move the base) it is applied
     as docs/strategies.md says.
     """
+    config, task, model = load_exported(run_dir)
+    examples = task.server_examples(config.data.eval_size)
+    correct = 0
+    with torch.no_grad():
+        for batch in task.eval_batches(examples, 64):
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return correct / len(examples)
+
+
+def load_exported(run_dir: Path):
+    """(config, task, PeftModel) of a finished run, loaded from its config.json and adapter/."""
     from copra_core.base_offset import apply_saved_offsets
     from copra_core.config import RunConfig
     from copra_core.shortcuts import add_shortcuts
@@ -113,13 +125,29 @@ def exported_accuracy(run_dir: Path) -> float:
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     if (run_dir / "base_offset.safetensors").exists():
         apply_saved_offsets(model, run_dir / "base_offset.safetensors")
-    examples = task.server_examples(config.data.eval_size)
-    correct = 0
+    return config, task, model
+
+
+def test_federated_metrics_are_those_of_the_pooled_client_examples(quick_run):
+    """federated/* of the last round = the final adapter on every client's validation set pooled.
+
+    Computed here with the exported adapter and plain PyTorch, not the client's code.
+    """
+    config, task, model = load_exported(quick_run)
+    last = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert not [k for k in last if k.startswith("federated/sum/")], "the pooled sums leaked into the row"
+    correct = loss_sum = count = 0.0
     with torch.no_grad():
-        for batch in task.eval_batches(examples, 64):
-            labels = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / len(examples)
+        for partition in range(config.federation.clients):
+            _, val = task.client_examples(partition, config.federation.clients)
+            for batch in task.eval_batches(val, 64):
+                labels = batch.pop("labels")
+                logits = model(**batch).logits
+                correct += float((logits.argmax(-1) == labels).sum())
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+                count += labels.numel()
+    assert last["federated/accuracy"] == pytest.approx(correct / count, abs=1e-12)
+    assert last["federated/loss"] == pytest.approx(loss_sum / count, rel=1e-4)
 
 
 FAULTY_CLIENTS = textwrap.dedent(

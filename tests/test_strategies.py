@@ -136,3 +136,38 @@ def test_product_svd_is_exact_when_the_average_has_rank_r():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_federated_metrics_pool_the_clients_sums_not_their_means():
+    """Perplexity of the pooled response tokens, not a mean of the clients' perplexities."""
+    import math
+
+    from flwr.app import MetricRecord, RecordDict
+
+    from copra_core.tasks.causal_lm import CausalLMTask
+    from server.metrics import pooled_metrics
+
+    def reply(loss_sum: float, tokens: float, correct: float, examples: int) -> RecordDict:
+        sums = {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
+        loss = loss_sum / tokens
+        metrics = {"loss": loss, "perplexity": math.exp(loss), "token_accuracy": correct / tokens}
+        metrics |= {f"sum/{k}": v for k, v in sums.items()}
+        return RecordDict({"metrics": MetricRecord({**metrics, "num-examples": examples})})
+
+    # Client 0: 10 tokens at loss 2; client 1: 1 token at loss 5; 3 examples each.
+    replies = [reply(20.0, 10.0, 4.0, 3), reply(5.0, 1.0, 1.0, 3)]
+    summarise = lambda sums: CausalLMTask.summarise(None, sums)  # noqa: E731 (summarise uses no state)
+    pooled = pooled_metrics(summarise)(replies, "num-examples")
+    assert pooled["loss"] == pytest.approx(25 / 11)
+    assert pooled["perplexity"] == pytest.approx(math.exp(25 / 11))
+    assert pooled["token_accuracy"] == pytest.approx(5 / 11)
+    assert set(pooled) == {"loss", "perplexity", "token_accuracy"}
+    # Flower's example-weighted mean of the same replies: (e^2 + e^5) / 2, not the pooled value.
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+    flower = aggregate_metricrecords(replies, "num-examples")
+    assert flower["perplexity"] == pytest.approx((math.exp(2) + math.exp(5)) / 2)
+    assert abs(flower["perplexity"] - pooled["perplexity"]) > 50
+    # Replies without sums (another ClientApp) get Flower's mean.
+    bare = [RecordDict({"metrics": MetricRecord({"loss": 1.0 + i, "num-examples": 1 + i})}) for i in range(2)]
+    assert pooled_metrics(summarise)(bare, "num-examples")["loss"] == pytest.approx((1 * 1 + 2 * 2) / 3)
