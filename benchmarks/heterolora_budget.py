@@ -137,7 +137,8 @@ def summarise(results: list[dict], budget_params: int) -> dict:
             table[dataset][method] = {
                 "accuracy": mean_std(final),
                 "per_seed": {r["seed"]: r["rows"][-1]["global/accuracy"] for r in runs},
-                "lora_params": lora_params(runs[0], budget_params),
+                # Per seed: an allocation that fills the budget differently on another seed costs differently.
+                "lora_params": [lora_params(r, budget_params) for r in runs],
                 # Per round, with the scoring rounds' traffic (allocation query) spread over the rounds.
                 "bytes_up": statistics.fmean(_traffic(row, "up") for r in runs for row in r["rows"][1:]),
                 "bytes_down": statistics.fmean(_traffic(row, "down") for r in runs for row in r["rows"][1:]),
@@ -232,8 +233,10 @@ def write_markdown(
         ]
         for method, e in methods.items():
             gain = pm(e.get("gain_vs_uniform_points"), 1) if method != "uniform_r2" else "—"
+            fewest, most = min(e["lora_params"]), max(e["lora_params"])
+            params = f"{fewest:,}" if fewest == most else f"{fewest:,}–{most:,}"
             lines.append(
-                f"| {method} | {pm(e['accuracy'])} | {gain} | {e['lora_params']:,} | "
+                f"| {method} | {pm(e['accuracy'])} | {gain} | {params} | "
                 f"{e['bytes_up']:,.0f} | {e['bytes_down']:,.0f} |"
             )
         lines.append("")
