@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from copra_core.checkpoint import config_differences
 from copra_core.config import RunConfig
 from copra_core.reporting import atomic_write_text
 from simulations.runner import simulate_many
@@ -72,9 +73,13 @@ def cached_runs(
     return [results[cache] for _, cache, _ in jobs]
 
 
+#: Keys a cached run may differ in and still be the same run.
+CACHE_FREE_KEYS = frozenset({"out-dir"})
+
+
 def comparable_config(config: RunConfig) -> dict:
     """The flat config a cache stores and is checked against (the output folder aside)."""
-    return {k: v for k, v in config.to_flat().items() if k != "out-dir"}
+    return {k: v for k, v in config.to_flat().items() if k not in CACHE_FREE_KEYS}
 
 
 def read_cache(cache: Path, config: RunConfig, check_config: bool = True) -> dict | None:
@@ -91,7 +96,7 @@ def _check_cached_config(cache: Path, saved: dict | None, config: RunConfig) -> 
     current = comparable_config(config)
     if saved is None:
         raise ValueError(f"{cache} was written without its config: move it away to run this setting again")
-    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    differing = config_differences(saved, current, ignore=CACHE_FREE_KEYS)
     if differing:
         raise ValueError(
             f"{cache} holds a run of another config (keys {differing[:5]}): move it away to run this setting"

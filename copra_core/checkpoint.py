@@ -130,9 +130,12 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
     return checkpoint
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ (or exist on one side only), ignoring ``RESUME_FREE_KEYS``."""
-    keys = (set(saved) | set(current)) - RESUME_FREE_KEYS
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = RESUME_FREE_KEYS
+) -> list[str]:
+    """Keys whose values differ (or exist on one side only), ignoring ``ignore`` (by default the
+    keys a resumed run may change)."""
+    keys = (set(saved) | set(current)) - ignore
     return sorted(k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>"))
 
 

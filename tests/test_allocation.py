@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -468,8 +469,6 @@ def test_effective_state_is_what_the_client_model_held(bundle):
 # ---------------------------------------------------------------------- export
 def test_export_round_trip_with_rank_pattern(bundle, tmp_path):
     """Modules at ranks 2, 5 and 8 plus unused ones: PeftModel.from_pretrained computes the same logits."""
-    from copra_core.tasks import build_task
-
     current = bundle.initial_state()
     modules = [k[: -len(LORA_A)] for k in current if k.endswith(LORA_A)]
     generator = torch.Generator().manual_seed(0)
@@ -484,15 +483,29 @@ def test_export_round_trip_with_rank_pattern(bundle, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(m.removeprefix("base_model.model.") for m in modules[:3])
     assert sorted(config["rank_pattern"].values()) == [2, 5]
+    expected, batch = _run_logits(bundle, state)
+    torch.testing.assert_close(_reloaded_logits(bundle, out, batch), expected, rtol=1e-5, atol=1e-6)
+    set_adapter_state(bundle.model, current)
+
+
+def _run_logits(bundle, state: dict) -> tuple[torch.Tensor, dict]:
+    """Logits of the run's own model holding ``state``, on a fixed evaluation batch."""
     set_adapter_state(bundle.model, state)
     batch = next(iter(bundle.task.eval_batches(bundle.task.server_examples(8), 8)))
     bundle.model.eval()
     with torch.no_grad():
-        expected = bundle.model(**batch).logits
-        base, _ = build_task(bundle.config).load_model()
-        loaded = PeftModel.from_pretrained(base, str(out)).eval()
-        got = loaded(**batch).logits
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        return bundle.model(**batch).logits, batch
+
+
+def _reloaded_logits(bundle, adapter_dir: Path, batch: dict, prepare_base=None) -> torch.Tensor:
+    """Logits of a fresh base model with the exported adapter loaded by ``PeftModel.from_pretrained``."""
+    from copra_core.tasks import build_task
+
+    base, _ = build_task(bundle.config).load_model()
+    if prepare_base is not None:
+        prepare_base(base)
+    with torch.no_grad():
+        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()(**batch).logits
 
 
 # ---------------------------------------------------------------------- shortcut connections
@@ -570,7 +583,6 @@ def test_shortcuts_are_candidates_of_their_block(shortcut_bundle):
 
 def test_export_with_shortcuts_reloads_after_add_shortcuts(shortcut_bundle, tmp_path):
     from copra_core.shortcuts import add_shortcuts
-    from copra_core.tasks import build_task
 
     current = shortcut_bundle.initial_state()
     state = {k: v.clone() for k, v in current.items()}
@@ -581,19 +593,12 @@ def test_export_with_shortcuts_reloads_after_add_shortcuts(shortcut_bundle, tmp_
     out = export_allocated_adapter(shortcut_bundle.model, state, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
     assert any(m.endswith("block_shortcut") for m in config["target_modules"])
-    set_adapter_state(shortcut_bundle.model, state)
-    batch = next(iter(shortcut_bundle.task.eval_batches(shortcut_bundle.task.server_examples(8), 8)))
-    shortcut_bundle.model.eval()
-    with torch.no_grad():
-        expected = shortcut_bundle.model(**batch).logits
-        base, _ = build_task(shortcut_bundle.config).load_model()
-        # The plain base lacks the modules: PEFT only warns and leaves the shortcuts out.
-        with pytest.warns(RuntimeWarning, match="block_shortcut"):
-            without = PeftModel.from_pretrained(base, str(out)).eval()(**batch).logits
-        assert not torch.allclose(without, expected, atol=1e-4)
-        base, _ = build_task(shortcut_bundle.config).load_model()
-        add_shortcuts(base)
-        got = PeftModel.from_pretrained(base, str(out)).eval()(**batch).logits
+    expected, batch = _run_logits(shortcut_bundle, state)
+    # The plain base lacks the modules: PEFT only warns and leaves the shortcuts out.
+    with pytest.warns(RuntimeWarning, match="block_shortcut"):
+        without = _reloaded_logits(shortcut_bundle, out, batch)
+    assert not torch.allclose(without, expected, atol=1e-4)
+    got = _reloaded_logits(shortcut_bundle, out, batch, prepare_base=add_shortcuts)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     set_adapter_state(shortcut_bundle.model, current)
 
