@@ -10,7 +10,9 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from copra_core.adapters import from_array_record, to_array_record
+from copra_core.adapters import AdapterState, from_array_record, to_array_record
+from copra_core.allocation.downlink import RECORD_KEY as OMITTED_KEY
+from copra_core.allocation.downlink import as_sent, fill_modules
 from copra_core.allocation.masking import NODE_BUDGET_KEY, NODE_RANK_KEY, ClientPlan, client_plan
 from copra_core.allocation.masking import RECORD_KEY as ALLOCATION_KEY
 from copra_core.base_offset import RECORD_KEY as OFFSETS_KEY
@@ -30,6 +32,16 @@ def _learner(msg: Message, context: Context) -> tuple[ClientLearner, RunConfig, 
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     return ClientLearner(config, partition_id, num_partitions), config, sent
+
+
+def _global_adapter(msg: Message, learner: ClientLearner, config: RunConfig) -> AdapterState:
+    """The server's adapter: the message's arrays plus the modules it left out at their seeded value."""
+    received = from_array_record(msg.content.array_records["arrays"])
+    if OMITTED_KEY not in msg.content.config_records:
+        return received
+    record = msg.content.config_records[OMITTED_KEY]
+    seeded = as_sent(learner.bundle.initial_state(), config.federation.transport_dtype)
+    return fill_modules(received, seeded, list(record["modules"]), int(record["crc32"]))
 
 
 def _base_offset(msg: Message) -> dict:
@@ -58,7 +70,7 @@ def _plan(msg: Message, context: Context, config: RunConfig) -> ClientPlan | Non
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     learner, config, sent = _learner(msg, context)
-    state = from_array_record(msg.content.array_records["arrays"])
+    state = _global_adapter(msg, learner, config)
     offsets = _base_offset(msg)
     plan = _plan(msg, context, config)
     new_state, metrics = learner.fit(state, int(sent["server-round"]), int(sent["num-rounds"]), offsets, plan)
@@ -81,9 +93,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    learner, _, _ = _learner(msg, context)
-    state = from_array_record(msg.content.array_records["arrays"])
-    sums = learner.evaluation_sums(state, _base_offset(msg))
+    learner, config, _ = _learner(msg, context)
+    sums = learner.evaluation_sums(_global_adapter(msg, learner, config), _base_offset(msg))
     # The sums travel too: the server pools them into exact metrics of all clients' examples.
     metrics = MetricRecord(
         {
@@ -116,8 +127,8 @@ def proxy_scores(msg: Message, context: Context) -> Message:
 
     Only one number per module leaves the node.
     """
-    learner, _, _ = _learner(msg, context)
-    scores, probed = learner.proxy_scores(from_array_record(msg.content.array_records["arrays"]))
+    learner, config, _ = _learner(msg, context)
+    scores, probed = learner.proxy_scores(_global_adapter(msg, learner, config))
     metrics = {
         "partition-id": learner.partition_id,
         "num-examples": learner.num_train_examples,

@@ -18,8 +18,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from copra_core.adapters import array_record_nbytes
+from copra_core.adapters import AdapterState, array_record_nbytes
 from copra_core.allocation.budget import Allocation, allocate, module_costs, weighted_scores
+from copra_core.allocation.downlink import RECORD_KEY as OMITTED_KEY
+from copra_core.allocation.downlink import as_sent, modules_checksum, untouched_modules, without_modules
 from copra_core.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -30,12 +32,29 @@ SCORE_BYTES = 8
 
 
 class Allocator:
-    """Decides and remembers the current allocation of a run."""
+    """Decides and remembers the current allocation of a run, and trims the adapter it sends.
 
-    def __init__(self, config: RunConfig, template: Mapping[str, torch.Tensor]) -> None:
+    ``seeded`` is the seeded initial adapter, which every node builds itself from the run
+    config: modules still at that value are left out of the messages (``downlink``).
+    """
+
+    def __init__(self, config: RunConfig, seeded: Mapping[str, torch.Tensor]) -> None:
         self.config = config
-        self.costs = module_costs(template)
+        self.costs = module_costs(seeded)
+        self.seeded = as_sent(seeded, config.federation.transport_dtype)
         self.current: Allocation | None = None
+
+    def downlink(self, state: Mapping[str, torch.Tensor]) -> tuple[AdapterState, ConfigRecord | None]:
+        """What to send of ``state`` (as the clients receive it) and the record naming what was left out.
+
+        Untrained candidates keep their seeded value with B = 0, so under a budget most of
+        the adapter need not travel (``copra_core/allocation/downlink.py``).
+        """
+        omitted = untouched_modules(state, self.seeded)
+        if not omitted:
+            return dict(state), None
+        record = ConfigRecord({"modules": omitted, "crc32": modules_checksum(self.seeded, omitted)})
+        return without_modules(state, omitted), record
 
     def due(self, server_round: int) -> bool:
         every = self.config.allocation.every_rounds
@@ -45,8 +64,11 @@ class Allocator:
         """Collect the clients' scores at ``state`` and decide; returns ``allocation/*`` metrics."""
         started = time.perf_counter()
         settings = self.config.allocation
-        arrays = ArrayRecord({k: v.contiguous() for k, v in state.items()})
+        sent, omitted = self.downlink(state)
+        arrays = ArrayRecord({k: v.contiguous() for k, v in sent.items()})
         content = RecordDict({"arrays": arrays, "config": ConfigRecord(self.config.to_flat())})
+        if omitted is not None:
+            content[OMITTED_KEY] = omitted
         nodes = list(grid.get_node_ids())
         messages = [Message(content=content, message_type=QUERY, dst_node_id=node) for node in nodes]
         # Bounded like round 0's gradient query: a silent node must not hang the run.
@@ -93,7 +115,7 @@ class Allocator:
             "allocation/clients": len(valid),
             "allocation/probed_b": int(any(r.content.metric_records["metrics"]["probed-b"] for r in valid)),
             "allocation/scoring_s": time.perf_counter() - started,
-            # The scoring round's traffic: the adapter down to every node, one score per module up.
+            # The scoring round's traffic: the trimmed adapter down to every node, one score per module up.
             "comm/allocation_bytes_down": array_record_nbytes(arrays) * len(nodes),
             "comm/allocation_bytes_up": sum(SCORE_BYTES * len(scores) for scores, _ in per_client),
             "allocation/enabled": list(self.current.modules),

@@ -26,6 +26,7 @@ from copra_core.adapters import (
     from_array_record,
     to_array_record,
 )
+from copra_core.allocation.downlink import RECORD_KEY as OMITTED_KEY
 from copra_core.allocation.masking import RECORD_KEY as ALLOCATION_KEY
 from copra_core.allocation.masking import check_partial
 from copra_core.base_offset import RECORD_KEY as OFFSETS_KEY
@@ -67,7 +68,8 @@ class AdapterFedAvg(FedAvg):
         left out. None = no screening: a malformed reply then stops the run with an error.
     allocator : Allocator, optional
         HeteroLoRA allocation (``server/allocation.py``): re-decided when due, attached to
-        every train message; the rule must accept partial replies.
+        every train message; the rule must accept partial replies. Messages then leave out
+        the modules still at their seeded value (``copra_core/allocation/downlink.py``).
     sampling_seed : int
         Seeds each round's draw of nodes (``server/sampling.py``).
     partition_timeout : float
@@ -156,12 +158,14 @@ class AdapterFedAvg(FedAvg):
         self.round_metrics = {"_t_start": time.perf_counter()}
         if self.allocator is not None and self.allocator.due(server_round):
             self.round_metrics.update(self.allocator.refresh(grid, server_round, self.current))
+        arrays, omitted = self._trimmed(arrays)
         with self._sampling(grid, server_round, "train") as sampling_grid:
-            messages = self._with_offsets(super().configure_train(server_round, arrays, config, sampling_grid))
+            messages = self._with_records(super().configure_train(server_round, arrays, config, sampling_grid), omitted)
         if self.allocator is not None:
             record = self.allocator.record()
             for message in messages:
                 message.content[ALLOCATION_KEY] = record
+            self.round_metrics["comm/modules_omitted"] = len(omitted["modules"]) if omitted else 0
         # Adapter plus base offsets, if any: every message carries the same records.
         per_client = sum(array_record_nbytes(r) for r in messages[0].content.array_records.values()) if messages else 0
         self.round_metrics["comm/bytes_down"] = per_client * len(messages)
@@ -173,8 +177,16 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.completed_rounds
+        arrays, omitted = self._trimmed(arrays)
         with self._sampling(grid, server_round, "evaluate") as sampling_grid:
-            return self._with_offsets(super().configure_evaluate(server_round, arrays, config, sampling_grid))
+            return self._with_records(super().configure_evaluate(server_round, arrays, config, sampling_grid), omitted)
+
+    def _trimmed(self, arrays: ArrayRecord) -> tuple[ArrayRecord, ConfigRecord | None]:
+        """Under an allocation, the global adapter less the modules every client rebuilds from its seed."""
+        if self.allocator is None:
+            return arrays, None
+        sent, omitted = self.allocator.downlink(self.current)
+        return (to_array_record(sent, self.transport_dtype), omitted) if omitted is not None else (arrays, None)
 
     @contextmanager
     def _sampling(self, grid: Grid, server_round: int, phase: str) -> Iterator[Grid]:
@@ -185,12 +197,14 @@ class AdapterFedAvg(FedAvg):
         with seeded_draw(self.sampling_seed, server_round, phase):
             yield grid
 
-    def _with_offsets(self, messages: Iterable[Message]) -> list[Message]:
-        """Attach the current base offsets (if the rule keeps any) to every message."""
+    def _with_records(self, messages: Iterable[Message], omitted: ConfigRecord | None) -> list[Message]:
+        """Attach the current base offsets (if the rule keeps any) and the omitted modules' record."""
         messages = list(messages)
-        if self._offsets_record is not None:
-            for message in messages:
+        for message in messages:
+            if self._offsets_record is not None:
                 message.content[OFFSETS_KEY] = self._offsets_record
+            if omitted is not None:
+                message.content[OMITTED_KEY] = omitted
         return messages
 
     def aggregate_train(

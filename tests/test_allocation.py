@@ -508,6 +508,64 @@ def _reloaded_logits(bundle, adapter_dir: Path, batch: dict, prepare_base=None) 
         return PeftModel.from_pretrained(base, str(adapter_dir)).eval()(**batch).logits
 
 
+# ---------------------------------------------------------------------- downlink
+@pytest.mark.parametrize("transport_dtype", ["float32", "float16"])
+def test_downlink_leaves_out_seeded_modules_and_a_separately_built_client_rebuilds_them(transport_dtype):
+    """Server and client build their models apart: the client's rebuilt adapter is the server's, bitwise."""
+    from flwr.app import ArrayRecord
+
+    from copra_core.adapters import from_array_record
+    from copra_core.allocation.downlink import as_sent, fill_modules
+    from copra_core.learner import ModelBundle
+    from server.allocation import Allocator
+    from tests.conftest import tiny_config
+
+    config = tiny_config(**{"federation.transport-dtype": transport_dtype, "allocation.enabled": True})
+    server, client = ModelBundle(config), ModelBundle(config)
+    allocator = Allocator(config, server.initial_state())
+    current = as_sent(server.initial_state(), transport_dtype)
+    modules = [k[: -len(LORA_A)] for k in current if k.endswith(LORA_A)]
+    trained = modules[1:3]
+    generator = torch.Generator().manual_seed(0)
+    for module in trained:  # a trained module: B moved, and A too
+        current[module + LORA_B] = 0.1 * torch.randn(current[module + LORA_B].shape, generator=generator)
+        current[module + LORA_A] = current[module + LORA_A] * 1.5
+    current = as_sent(current, transport_dtype)  # the server's global adapter is always as sent
+    sent, record = allocator.downlink(current)
+    assert record is not None and list(record["modules"]) == [m for m in modules if m not in trained]
+    assert set(sent) == {k for k in current if not k.endswith((LORA_A, LORA_B))} | {
+        m + f for m in trained for f in (LORA_A, LORA_B)
+    }
+    wire = to_array_record(sent, transport_dtype)
+    received = from_array_record(ArrayRecord(wire.to_torch_state_dict()))
+    rebuilt = fill_modules(
+        received, as_sent(client.initial_state(), transport_dtype), list(record["modules"]), int(record["crc32"])
+    )
+    assert set(rebuilt) == set(current)
+    for key in current:
+        assert torch.equal(rebuilt[key], current[key]), key
+    # Nothing left at its seeded value: nothing omitted.
+    assert allocator.downlink({k: v + 1 for k, v in current.items()})[1] is None
+
+
+def test_downlink_refuses_a_client_whose_seeded_adapter_differs():
+    from copra_core.adapters import AdapterMismatchError
+    from copra_core.allocation.downlink import fill_modules, modules_checksum, without_modules
+
+    seeded = global_state()
+    modules = ["mod0", "mod1"]
+    crc = modules_checksum(seeded, modules)
+    assert fill_modules(without_modules(seeded, modules), seeded, modules, crc).keys() == seeded.keys()
+    other = {k: v.clone() for k, v in seeded.items()}
+    other["mod1" + LORA_A][0, 0] += 1e-6
+    with pytest.raises(AdapterMismatchError, match="CRC32"):
+        fill_modules(without_modules(seeded, modules), other, modules, crc)
+    with pytest.raises(AdapterMismatchError, match=r"sent anyway.*mod0"):
+        fill_modules(without_modules(seeded, ["mod1"]), seeded, modules, crc)
+    with pytest.raises(AdapterMismatchError, match=r"not in this node's adapter.*mod7"):
+        fill_modules(without_modules(seeded, modules), seeded, ["mod7"], crc)
+
+
 # ---------------------------------------------------------------------- shortcut connections
 @pytest.fixture(scope="module")
 def shortcut_bundle():
@@ -633,19 +691,30 @@ def test_allocated_federation_through_flower(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     state = load_checkpoint(out).tensors["global"]
     costs = module_costs(state)  # rank 8 costs
+    dense = {k: v for k, v in state.items() if not k.endswith((LORA_A, LORA_B))}
+
+    def nbytes_with(modules: set[str]) -> int:
+        """Bytes of the dense tensors plus ``modules``' rank-8 factors."""
+        factors = {m + f: state[m + f] for m in modules for f in (LORA_A, LORA_B)}
+        return array_record_nbytes(to_array_record(dense | factors))
+
+    trained_before: set[str] = set()
     for row in rows[1:]:
         assert row["allocation/candidates"] == 14 and row["allocation/modules"] == 3  # floor(0.25 * 14), re-scored
         enabled = row["allocation/enabled"]
         assert row["allocation/params"] == sum(costs[m] for m in enabled)
-        # The scoring query: the whole adapter down to both clients, one float64 per candidate back.
-        assert row["comm/allocation_bytes_down"] == 2 * array_record_nbytes(to_array_record(state))
-        assert row["comm/allocation_bytes_up"] == 2 * 8 * 14
+        # Down to both clients (scoring query, then training): the modules trained in earlier
+        # rounds and the head; the others are still at their seeded value and left out.
+        assert row["comm/modules_omitted"] == 14 - len(trained_before)
+        assert row["comm/allocation_bytes_down"] == row["comm/bytes_down"] == 2 * nbytes_with(trained_before)
+        assert row["comm/allocation_bytes_up"] == 2 * 8 * 14  # one float64 per candidate
         # Only the enabled modules travel up, at each client's rank (2 and 4 of 8), plus the head.
         replies = [partial_state(state, ClientPlan(tuple(enabled), rank)) for rank in (2, 4)]
         assert row["comm/bytes_up"] == sum(array_record_nbytes(to_array_record(r)) for r in replies)
         lora_floats = sum(costs[m] for m in enabled) * (2 + 4) // 8
         assert lora_floats == sum(v.numel() for r in replies for k, v in r.items() if k.endswith((LORA_A, LORA_B)))
         assert row["strategy/modules_trained"] == 3
+        trained_before |= set(enabled)
         assert 0 <= row["aggregation/exactness_error"] < 1 and math.isfinite(row["barrier/jensen_factor"])
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["rank_pattern"] and set(adapter_config["rank_pattern"].values()) <= {2, 4}
