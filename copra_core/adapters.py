@@ -12,7 +12,8 @@ import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,14 @@ def check_compatible(state: Mapping[str, torch.Tensor], reference: Mapping[str, 
         problems.append(f"shape mismatches {shapes[:5]}")
     if problems:
         raise AdapterMismatchError(f"{source} does not match the global adapter: " + "; ".join(problems))
+
+
+def tensors_crc32(tensors: Iterable[torch.Tensor]) -> int:
+    """CRC32 of the tensors' bytes, in the order given: equal on bitwise-equal tensors."""
+    crc = 0
+    for tensor in tensors:
+        crc = zlib.crc32(tensor.detach().to("cpu").contiguous().numpy().tobytes(), crc)
+    return crc
 
 
 def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from copra_core.adapters import tensors_crc32
 from copra_core.lora import ADAPTER_NAME
 
 SUFFIX = ".base_offset"
@@ -130,11 +130,7 @@ class BaseOffsets:
         Over the modules the last ``apply`` offset, so processes with different histories
         (a cached model that served another run) still agree when their bases do.
         """
-        crc = 0
-        for name in self._applied:
-            weight = model.get_submodule(name).get_base_layer().weight.detach().to("cpu").contiguous()
-            crc = zlib.crc32(weight.numpy().tobytes(), crc)
-        return crc
+        return tensors_crc32(model.get_submodule(name).get_base_layer().weight for name in self._applied)
 
 
 def save_offsets(offsets: Mapping[str, torch.Tensor], path: Path) -> Path:

@@ -2,8 +2,8 @@
 
 Under a budgeted allocation most candidate modules are never trained: they keep the
 seeded initial value every node builds from the run config (``ModelBundle``), with
-B = 0. Sending them in every message would cost as much as the full rank-r adapter
-(``docs/results/heterolora.md`` measured 7.7 MB down against 3.7 MB up per round), so
+B = 0. Sending them in every message cost as much as the full rank-r adapter (the
+HeteroLoRA benchmark measured 7.7 MB down against 3.7 MB up per round before this), so
 the server leaves out every module still bitwise equal to the seeded adapter, names the
 omitted modules in the message, and adds a CRC32 of their values. The client fills them
 in from its own seeded adapter and checks the CRC32: a node whose seeded adapter differs
@@ -13,12 +13,11 @@ weights. The adapter a client rebuilds is bitwise the one the server holds.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from copra_core.adapters import LORA_A, LORA_B, AdapterMismatchError, AdapterState, lora_modules
+from copra_core.adapters import LORA_A, LORA_B, AdapterMismatchError, AdapterState, lora_modules, tensors_crc32
 
 #: Config record naming the left-out modules and their CRC32 (train, evaluate and scoring messages).
 RECORD_KEY = "omitted"
@@ -41,13 +40,7 @@ def untouched_modules(state: Mapping[str, torch.Tensor], seeded: Mapping[str, to
 
 def modules_checksum(state: Mapping[str, torch.Tensor], modules: Sequence[str]) -> int:
     """CRC32 of the modules' fp32 factors, in the order given (equal on equal values)."""
-    crc = 0
-    for module in modules:
-        for factor in (LORA_A, LORA_B):
-            crc = zlib.crc32(
-                state[module + factor].detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), crc
-            )
-    return crc
+    return tensors_crc32(state[module + factor].float() for module in modules for factor in (LORA_A, LORA_B))
 
 
 def without_modules(state: Mapping[str, torch.Tensor], modules: Sequence[str]) -> AdapterState:
