@@ -215,7 +215,7 @@ class DiagnosticsSettings:
 
 @dataclass
 class AllocationSettings:
-    """HeteroLoRA: which candidate LoRA modules train, under a budget (METHODS.md section 3)."""
+    """HeteroLoRA: which candidate LoRA modules train, under a budget (docs/methods.md#heterolora)."""
 
     enabled: bool = _help(
         "Train only a budgeted subset of the candidate LoRA modules (every module lora.target-modules "

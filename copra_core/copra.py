@@ -4,7 +4,7 @@ Each transformer block is a player; training on random coalitions of blocks opti
 every block's average marginal contribution, which makes adapters that merge well and
 survive pruning. Paper: https://arxiv.org/abs/2410.22911 (published as CoTo, ICML 2025).
 
-Mechanics (METHODS.md section 1):
+Mechanics (docs/methods.md#copra):
 * p(s) = min(p0 + (1 - p0) * s / full_at, 1) at GLOBAL progress s in [0, 1];
 * one Bernoulli(p) draw per block per optimizer step, shared by all LoRA modules of
   the block; at least one block active; no rescaling of active adapters;

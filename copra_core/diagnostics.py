@@ -1,4 +1,4 @@
-"""Linear-mode-connectivity diagnostics for federated LoRA (METHODS.md section 4).
+"""Linear-mode-connectivity diagnostics for federated LoRA (docs/methods.md#diagnostics).
 
 Averaging adapters is only as good as the loss along the straight line between them.
 For client adapters theta_k with example weights w_k (sum 1), measured every round on a

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from copra_core.config import ConfigError, RunConfig
 
-#: Set in every process that runs Flower (see FLOWER_NOTES.md).
+#: Set in every process that runs Flower: no runtime install of the app's dependencies, no telemetry, no update check.
 FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_TELEMETRY_ENABLED": "0",

@@ -1,4 +1,4 @@
-"""HeteroLoRA: budgeted allocation of LoRA modules by zero-cost proxies (METHODS.md section 3).
+"""HeteroLoRA: budgeted allocation of LoRA modules by zero-cost proxies (docs/methods.md#heterolora).
 
 Zhang et al. 2024, "Unlocking the Global Synergies in Low-Rank Adapters",
 https://arxiv.org/abs/2406.14956.

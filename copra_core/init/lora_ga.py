@@ -1,7 +1,7 @@
 """LoRA-GA: initial factors aligned with the full-weight gradient, on an offset base.
 
 Wang et al. 2024, LoRA-GA: Low-Rank Adaptation with Gradient Approximation,
-https://arxiv.org/abs/2407.05000 (METHODS.md section 2). For every adapted weight with
+https://arxiv.org/abs/2407.05000 (docs/methods.md#lora-ga). For every adapted weight with
 gradient estimate ``G = U S V^T`` (d_out x d_in):
 
     A0 = V[:, :r]^T * zeta,   B0 = U[:, r:2r] * zeta,   zeta = d_out^(1/4) / sqrt(gamma)

@@ -20,7 +20,7 @@ class AlphaTestProxy(Proxy):
     """A scalar gate ``alpha_m`` (initially 1) multiplies each LoRA module's output; only the
     gates train, by plain SGD for one step per scoring batch; a module scores ``|alpha_m - 1|``.
 
-    METHODS.md names this proxy without defining it; this is our reading of "alpha test"
+    The proxy is named "alpha test" without a definition; this is our reading of it
     (a few-step trainability test of each module's scale), documented in
     docs/heterolora.md. SGD rather than Adam because Adam normalises every gate's step to
     about the same size, which would erase the ranking. Like SNIP it is zero at B = 0 and is

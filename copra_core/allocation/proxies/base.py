@@ -31,7 +31,7 @@ def probe_b(model: nn.Module, std: float, seed: int) -> Iterator[bool]:
     """If every LoRA B is zero (LoRA's initialisation), give B a tiny seeded random value.
 
     At B = 0 a module's output is zero whatever A, so SNIP, SynFlow and the alpha gate all
-    score zero everywhere; METHODS.md section 3 prescribes a tiny random B. Yields whether
+    score zero everywhere; they are scored at a tiny random B (docs/methods.md#heterolora). Yields whether
     it probed; the original B is restored exactly afterwards.
     """
     pairs = lora_pairs(model)
