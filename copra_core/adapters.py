@@ -4,6 +4,10 @@ An adapter state is PEFT's ``get_peft_model_state_dict`` mapping: LoRA factors
 (``...lora_A.weight`` r x d_in, ``...lora_B.weight`` d_out x r) plus the full weights of
 ``modules_to_save`` (the task head). Keys are adapter-name free, so they match what
 ``PeftModel.from_pretrained`` reads.
+
+PEFT (and with it transformers) and Flower are imported inside the functions that need
+them: the key helpers and constants here are what the aggregation rules and the shared
+maths (``copra_core/lowrank.py``) use, and those must import without either.
 """
 
 from __future__ import annotations
@@ -18,13 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
-from copra_core.lora import ADAPTER_NAME
-
-if TYPE_CHECKING:  # Flower is needed for the wire format only; the methods import without it.
+if TYPE_CHECKING:  # type hints only: the functions below import PEFT and Flower when called
     from flwr.app import ArrayRecord
+    from peft import PeftConfig, PeftModel
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -38,11 +40,15 @@ class AdapterMismatchError(ValueError):
 
 def get_adapter_state(model: PeftModel) -> AdapterState:
     """A detached fp32 copy of the model's adapter state."""
+    from peft import get_peft_model_state_dict
+
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
     """Load ``state`` into the model; every adapter key must be present and shaped right."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
     check_compatible(state, get_peft_model_state_dict(model), source="adapter")
     result = set_peft_model_state_dict(model, dict(state))
     unexpected = getattr(result, "unexpected_keys", [])
@@ -127,6 +133,8 @@ def export_adapter(
     Atomic: written to a temporary sibling folder, then renamed into place, so an
     interrupted export never leaves a half-written adapter.
     """
+    from copra_core.lora import ADAPTER_NAME
+
     set_adapter_state(model, state)
     if initial is None:
         return _write_folder(out_dir, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))

@@ -32,7 +32,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from copra_core.adapters import tensors_crc32
-from copra_core.lora import ADAPTER_NAME
 
 SUFFIX = ".base_offset"
 INIT_SUFFIX = ".init_offset"
@@ -75,6 +74,8 @@ class BaseOffsets:
 
         Every adapter counts as active afterwards (the whole offset is applied).
         """
+        from copra_core.lora import ADAPTER_NAME  # here, not above: strategies/residual.py needs SUFFIX without PEFT
+
         learned, init = split_offsets(offsets)
         self._switchable.clear()
         self._learned.clear()
@@ -119,6 +120,8 @@ class BaseOffsets:
         name, layer = entry
         if self._active[name] == active:
             return
+        from copra_core.lora import ADAPTER_NAME  # see apply
+
         offset = self._total[name] if active else self._learned[name]
         with torch.no_grad():
             layer.get_base_layer().weight.copy_(self._originals[name] + layer.scaling[ADAPTER_NAME] * offset)

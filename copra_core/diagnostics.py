@@ -31,6 +31,7 @@ from typing import Protocol
 import torch
 
 from copra_core.adapters import LORA_A, LORA_B, AdapterState, dense_keys, lora_modules
+from copra_core.lowrank import weighted_product_sum
 
 Deltas = dict[str, torch.Tensor]
 
@@ -69,8 +70,16 @@ def product_deltas(state: AdapterState) -> Deltas:
     return {m: state[m + LORA_B] @ state[m + LORA_A] for m in lora_modules(state)}
 
 
-def average_deltas(deltas: Sequence[Deltas], weights: Sequence[float]) -> Deltas:
-    return {m: sum(w * d[m] for w, d in zip(weights, deltas, strict=True)) for m in deltas[0]}
+def average_products(states: Sequence[AdapterState], weights: Sequence[float]) -> Deltas:
+    """``sum_k w_k B_k A_k`` per module, dense (the evaluator needs the matrix).
+
+    In the factors' own precision (fp32), as the diagnostics always measured it; the
+    products are formed one client at a time, never all K at once.
+    """
+    return {
+        m: weighted_product_sum(((s[m + LORA_B], s[m + LORA_A]) for s in states), weights, dtype=None)
+        for m in lora_modules(states[0])
+    }
 
 
 def dense_part(state: AdapterState) -> AdapterState:
@@ -100,7 +109,7 @@ def aggregate_error(
     over the clients that trained it).
     """
     if exact is None:
-        exact = average_deltas([product_deltas(s) for s in states], weights)
+        exact = average_products(states, weights)
     num = den = 0.0
     for module, target in exact.items():
         approx = aggregate[module + LORA_B] @ aggregate[module + LORA_A]
@@ -180,9 +189,8 @@ def round_diagnostics(
 
     factor_avg = masked.factor if masked else weighted_average(states, weights)
     factor_res = evaluator.factor(factor_avg)
-    deltas = [product_deltas(s) for s in states]
     dense = [dense_part(s) for s in states]
-    exact = masked.product if masked else average_deltas(deltas, weights)
+    exact = masked.product if masked else average_products(states, weights)
     if offset_change:
         moved = {m: d + offset_change[m] if m in offset_change else d for m, d in product_deltas(aggregate).items()}
         aggregate_res = evaluator.product(moved, dense_part(aggregate))
@@ -218,7 +226,7 @@ def round_diagnostics(
                 continue
             f_res = evaluator.factor(interpolate(states[i], states[j], alpha))
             p_res = evaluator.product(
-                average_deltas([deltas[i], deltas[j]], [alpha, 1 - alpha]),
+                average_products([states[i], states[j]], [alpha, 1 - alpha]),
                 interpolate(dense[i], dense[j], alpha),
             )
             curve.loss_factor.append(f_res["loss"])

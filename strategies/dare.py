@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from peft.utils import merge_utils
 
 from strategies.base import AdapterState, AggregationRule, ClientUpdate, client_deltas, example_weights
 
@@ -43,6 +42,8 @@ class DareMerge(AggregationRule):
         self._round = 0
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Mapping[str, torch.Tensor]) -> AdapterState:
+        from peft.utils import merge_utils  # here: importing PEFT loads transformers (seconds)
+
         weights = torch.tensor(example_weights(updates, self.name))
         self._round += 1
         out: AdapterState = {}

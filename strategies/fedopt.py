@@ -2,38 +2,47 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
-from flwr.serverapp.strategy.fedopt import FedOpt
 
 from strategies.base import AdapterState, AggregationRule, ClientUpdate, example_weights
 
+if TYPE_CHECKING:
+    from flwr.serverapp.strategy.fedopt import FedOpt
 
-class _AveragedAlready(FedAvg):
-    """Stands where FedAvg's message parsing would in the MRO: its input is the average.
+
+@functools.cache
+def _flower_stepper(optimiser: str) -> type[FedOpt]:
+    """Flower's ``FedAdam`` or ``FedYogi``, taking the already averaged adapter as its input.
 
     ``FedAdam.aggregate_train`` first asks its parent for the example-weighted average of
-    the replies, then applies the Adam step. Slotting this class under ``FedOpt`` lets us
-    hand it that average directly, so the optimiser step is Flower's code verbatim, not a
-    copy of it.
+    the replies, then applies the Adam step. Slotting ``AveragedAlready`` under ``FedOpt``
+    in the MRO lets us hand it that average directly, so the optimiser step is Flower's
+    code verbatim, not a copy of it. Built on first use (and cached): Flower loads in
+    seconds, and the rules import without it.
     """
+    from flwr.app import ArrayRecord, MetricRecord
+    from flwr.serverapp import strategy as flower
 
-    def aggregate_train(self, server_round: int, replies: Iterable) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        assert isinstance(replies, ArrayRecord)
-        return replies, MetricRecord()
+    class AveragedAlready(flower.FedAvg):
+        def aggregate_train(self, server_round: int, replies: Iterable) -> tuple[Any, Any]:
+            assert isinstance(replies, ArrayRecord)
+            return replies, MetricRecord()
+
+    base = {"FedAdam": flower.FedAdam, "FedYogi": flower.FedYogi}[optimiser]
+    name = f"_{optimiser}Step"
+    return type(name, (base, AveragedAlready), {"__module__": __name__, "__qualname__": name})
 
 
-class _FedAdamStep(FedAdam, _AveragedAlready):
-    pass
-
-
-class _FedYogiStep(FedYogi, _AveragedAlready):
-    pass
+def __getattr__(name: str) -> type[FedOpt]:
+    """``strategies.fedopt._FedAdamStep`` / ``_FedYogiStep`` by name, so a pickled rule unpickles."""
+    if name in ("_FedAdamStep", "_FedYogiStep"):
+        return _flower_stepper(name[1:-4])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _ServerOptimiser(AggregationRule):
@@ -55,12 +64,13 @@ class _ServerOptimiser(AggregationRule):
         Adaptivity: added to sqrt(v); larger = closer to plain momentum.
     """
 
-    _stepper_class: ClassVar[type[FedOpt]]
+    #: Which of Flower's server optimisers steps (``_flower_stepper``).
+    _flower_optimiser: ClassVar[str]
 
     def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
         if eta <= 0 or tau <= 0 or not (0 <= beta_1 < 1 and 0 <= beta_2 < 1):
             raise ValueError("need eta > 0, tau > 0 and betas in [0, 1)")
-        self.optimiser = self._stepper_class(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)
+        self.optimiser = _flower_stepper(self._flower_optimiser)(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)
         self._round = 0
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Mapping[str, torch.Tensor]) -> AdapterState:
@@ -71,6 +81,8 @@ class _ServerOptimiser(AggregationRule):
         }
         self._round += 1
         self.optimiser.current_arrays = {k: v.to(torch.float32).numpy() for k, v in current.items()}
+        from flwr.app import Array, ArrayRecord  # loaded already: the optimiser is Flower's
+
         record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in average.items()})
         stepped, _ = self.optimiser.aggregate_train(self._round, record)
         return {
@@ -97,11 +109,11 @@ class FedAdamRule(_ServerOptimiser):
     """FedAdam: Adam on the server over the averaged adapter update (Flower's FedAdam)."""
 
     name = "fedadam"
-    _stepper_class = _FedAdamStep
+    _flower_optimiser = "FedAdam"
 
 
 class FedYogiRule(_ServerOptimiser):
     """FedYogi: Yogi's additive second-moment update on the server (Flower's FedYogi)."""
 
     name = "fedyogi"
-    _stepper_class = _FedYogiStep
+    _flower_optimiser = "FedYogi"

@@ -7,8 +7,18 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from copra_core.adapters import LORA_A, LORA_B, lora_modules
-from copra_core.allocation.merge import factorise, pad_average, product_average, trained_by
+from copra_core.lowrank import (
+    dense_average,
+    masked_product_average,
+    pad_average,
+    qr_truncated_factors,
+    relative_truncation_error,
+    trained_by,
+    trainer_factors,
+    truncated_factors,
+)
 from strategies.base import AdapterState, AggregationRule, ClientUpdate
+from strategies.product_svd import SVD_METHODS
 
 RANK_MERGES = ("padding", "product")
 
@@ -29,16 +39,24 @@ class MaskedAveraging(AggregationRule):
         How different ranks combine (``copra_core/allocation/merge.py``): ``padding``
         averages each rank component over the clients that have it (factor space);
         ``product`` averages ``B_k A_k`` exactly and re-factorises at rank r by SVD.
+    svd : str
+        With ``rank-merge=product``: ``dense`` takes the SVD of the d_out x d_in average,
+        ``qr`` that of a small core from QR factorisations of the stacked client factors
+        (as ``product_svd``'s option; equal to rounding, not bitwise, so ``dense`` stays
+        the default and earlier runs reproduce bit for bit).
     """
 
     name = "masked"
     #: Replies may hold a subset of the modules at a lower rank (``check_partial``).
     partial_updates = True
 
-    def __init__(self, rank_merge: str = "padding") -> None:
+    def __init__(self, rank_merge: str = "padding", svd: str = "dense") -> None:
         if rank_merge not in RANK_MERGES:
             raise ValueError(f"option 'rank-merge' must be one of {RANK_MERGES}, got '{rank_merge}'")
+        if svd not in SVD_METHODS:
+            raise ValueError(f"option 'svd' must be one of {SVD_METHODS}, got '{svd}'")
         self.rank_merge = rank_merge
+        self.svd = svd
         self._metrics: dict[str, float] = {}
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Mapping[str, torch.Tensor]) -> AdapterState:
@@ -49,17 +67,25 @@ class MaskedAveraging(AggregationRule):
         if self.rank_merge == "padding":
             out = pad_average(partials, current)
         else:
-            deltas, dense = product_average(partials, current)
+            if self.svd == "qr":
+                # The d_out x d_in averages are never formed: each module's factors come
+                # straight from its trainers' stacked factors.
+                deltas, dense = {}, dense_average(partials, current)
+            else:
+                deltas, dense = masked_product_average(partials, current)
             out = {k: v.to(torch.float32).clone() for k, v in current.items()} | dense
             residual = energy = 0.0
             for module in modules:
                 if not trained_by(partials, module):
                     continue  # nobody trained it: keep the factors, not a re-factorisation
                 rank = current[module + LORA_A].shape[0]
-                b, a, res, en = factorise(deltas[module], rank)
-                out[module + LORA_B], out[module + LORA_A] = b, a
+                if self.svd == "qr":
+                    b, a, res, en = qr_truncated_factors(*trainer_factors(partials, module), rank)
+                else:  # the fp32 average, as the diagnostics evaluate it (bitwise as before)
+                    b, a, res, en = truncated_factors(deltas[module], rank)
+                out[module + LORA_B], out[module + LORA_A] = b.float(), a.float()
                 residual, energy = residual + res, energy + en
-            self._metrics["truncation_error"] = (residual / energy) ** 0.5 if energy > 0 else 0.0
+            self._metrics["truncation_error"] = relative_truncation_error(residual, energy)
         return {k: v.to(current[k].dtype) for k, v in out.items()}
 
     def round_metrics(self) -> dict[str, float]:

@@ -7,7 +7,16 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from copra_core.adapters import LORA_A, LORA_B
+from copra_core.lowrank import (
+    qr_truncated_factors,
+    relative_truncation_error,
+    truncated_factors,
+    weighted_product_sum,
+)
 from strategies.base import AdapterState, AggregationRule, ClientUpdate, example_weights
+
+#: How the truncated SVD of the exact average is computed (``copra_core/lowrank.py``).
+SVD_METHODS = ("dense", "qr")
 
 
 class ProductSVD(AggregationRule):
@@ -21,11 +30,24 @@ class ProductSVD(AggregationRule):
 
     ``last_truncation_error`` holds the relative Frobenius error of the truncation,
     pooled over modules, for the most recent round.
+
+    Parameters
+    ----------
+    svd : str
+        ``dense`` forms the d_out x d_in matrix ``Delta W`` and takes its SVD; ``qr`` gets
+        the same factors from QR factorisations of the stacked client factors and the SVD
+        of a small (K r) x (K r) core, never forming ``Delta W`` (``copra_core/lowrank.py``;
+        faster and smaller while K r is below d, ``docs/results/aggregation.md``). The two
+        agree to rounding, not bitwise, so the default stays ``dense``: runs and benchmark
+        caches made before ``qr`` existed reproduce bit for bit.
     """
 
     name = "product_svd"
 
-    def __init__(self) -> None:
+    def __init__(self, svd: str = "dense") -> None:
+        if svd not in SVD_METHODS:
+            raise ValueError(f"option 'svd' must be one of {SVD_METHODS}, got '{svd}'")
+        self.svd = svd
         self.last_truncation_error = 0.0
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Mapping[str, torch.Tensor]) -> AdapterState:
@@ -39,19 +61,16 @@ class ProductSVD(AggregationRule):
                 out[key] = sum(w * u.state[key].to(torch.float32) for w, u in zip(weights, updates, strict=True))
                 out[key] = out[key].to(reference.dtype)
                 continue
-            module = key[: -len(LORA_A)]
-            b_key = module + LORA_B
+            b_key = key[: -len(LORA_A)] + LORA_B
+            factors = [(u.state[b_key], u.state[key]) for u in updates]
             rank = reference.shape[0]
-            delta = sum(
-                w * (u.state[b_key].double() @ u.state[key].double()) for w, u in zip(weights, updates, strict=True)
-            )
-            u_mat, s_vals, vh = torch.linalg.svd(delta, full_matrices=False)
-            root = s_vals[:rank].sqrt()
-            out[b_key] = (u_mat[:, :rank] * root).to(current[b_key].dtype)
-            out[key] = (root[:, None] * vh[:rank]).to(reference.dtype)
-            residual += float((s_vals[rank:] ** 2).sum())
-            energy += float((s_vals**2).sum())
-        self.last_truncation_error = (residual / energy) ** 0.5 if energy > 0 else 0.0
+            if self.svd == "qr":
+                b, a, cut, total = qr_truncated_factors(factors, weights, rank)
+            else:
+                b, a, cut, total = truncated_factors(weighted_product_sum(factors, weights), rank)
+            out[b_key], out[key] = b.to(current[b_key].dtype), a.to(reference.dtype)
+            residual, energy = residual + cut, energy + total
+        self.last_truncation_error = relative_truncation_error(residual, energy)
         return out
 
     def round_metrics(self) -> dict[str, float]:

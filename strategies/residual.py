@@ -8,6 +8,7 @@ import torch
 
 from copra_core.adapters import LORA_A, LORA_B, lora_modules
 from copra_core.base_offset import SUFFIX
+from copra_core.lowrank import weighted_product_sum
 from strategies.base import AdapterState, ClientUpdate, example_weights
 from strategies.linear import LinearAveraging
 
@@ -42,9 +43,9 @@ class ResidualFold(LinearAveraging):
         weights = example_weights(updates, self.name)
         squares = 0.0
         for module in lora_modules(current):
-            exact = sum(
-                w * (u.state[module + LORA_B].double() @ u.state[module + LORA_A].double())
-                for w, u in zip(weights, updates, strict=True)
+            # Dense on purpose: the residual is a d_out x d_in matrix that goes into the base.
+            exact = weighted_product_sum(
+                ((u.state[module + LORA_B], u.state[module + LORA_A]) for u in updates), weights
             )
             residual = exact - out[module + LORA_B].double() @ out[module + LORA_A].double()
             key = module + SUFFIX

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from peft.utils import merge_utils
 
 from strategies.base import AdapterState, AggregationRule, ClientUpdate, client_deltas, example_weights
 
@@ -41,6 +40,8 @@ class TiesMerge(AggregationRule):
         self.majority_sign = majority_sign
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Mapping[str, torch.Tensor]) -> AdapterState:
+        from peft.utils import merge_utils  # here: importing PEFT loads transformers (seconds)
+
         weights = torch.tensor(example_weights(updates, self.name)) * len(updates)
         out: AdapterState = {}
         for key, reference in current.items():
