@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
 # Set everything up (first time only), check formatting and lint, run the test suite.
+#
+#   bash scripts/test.sh [--fast] [PYTEST_ARGS...]
+#
+# --fast: for daily work, skip the tests marked e2e (they start Flower simulations,
+# `flwr run` or deployment processes) and slow (pyproject.toml, [tool.pytest.ini_options]);
+# ruff still runs. Without it the whole suite runs, as in CI (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+marker=()
+if [ "${1:-}" = "--fast" ]; then
+  shift
+  marker=(-m "not e2e and not slow")
+fi
 bash scripts/setup.sh
 # docker-compose validates docker-compose.yml in the tests (no Docker engine is needed for that).
 if ! command -v docker-compose >/dev/null 2>&1; then
@@ -16,7 +27,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 F
 .venv/bin/ruff format --check .
 .venv/bin/ruff check .
 status=0
-.venv/bin/python -m pytest "$@" || status=$?
+.venv/bin/python -m pytest "${marker[@]}" "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests" >&2   # exit 5: treat as a failure, a suite must run
   exit 1

@@ -23,24 +23,7 @@ os.environ.update(
     }
 )
 
-from copra_core.config import RunConfig  # noqa: E402
-
-
-def tiny_config(**overrides: object) -> RunConfig:
-    """The real default model truncated to 2 blocks, small samples."""
-    config = RunConfig.from_flat(
-        {
-            "model.num-hidden-layers": 2,
-            "federation.clients": 2,
-            "train.local-steps": 4,
-            "train.batch-size": 8,
-            "data.partition": "iid",
-            "data.val-max": 16,
-            "diagnostics.sample-size": 32,
-        }
-    )
-    config.update(overrides)
-    return config
+from tests.helpers import tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,45 +1,66 @@
-"""Process helpers for the end-to-end tests' leak checks."""
+"""Process helpers for the end-to-end tests' leak checks (psutil, no pgrep or /proc parsing)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
-import subprocess
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping
+
+import psutil
 
 #: Processes a simulation starts: SuperLink, SuperExec, simulation runtime and Ray's.
 FLOWER_AND_RAY = "flower-superlink|flower-superexec|flwr-simulation|flwr-serverapp|raylet|gcs_server|ray::"
 
 
 def pgrep(pattern: str) -> set[int]:
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return {int(pid) for pid in out.stdout.split()} - {os.getpid()}
+    """Pids whose command line matches the regular expression ``pattern`` (as ``pgrep -f``), not ours."""
+    regex = re.compile(pattern)
+    found = set()
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        # Ray renames its workers (``ray::IDLE``): their name is the command line pgrep sees.
+        text = " ".join(proc.info["cmdline"] or []) or (proc.info["name"] or "")
+        if regex.search(text):
+            found.add(proc.pid)
+    return found - {os.getpid()}
 
 
 def alive(pid: int) -> bool:
     """Still running: neither gone nor a zombie waiting to be reaped."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def carrying(pids: Iterable[int], name: str, value: str) -> set[int]:
+    """Those of ``pids`` whose environment holds ``name=value`` (processes we cannot read are not ours)."""
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).environ().get(name) == value:
+                found.add(pid)
+    return found
 
 
 def terminate(pids: set[int], timeout: float = 30.0) -> None:
     """SIGTERM, wait, then SIGKILL what is left (only pids the test started)."""
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
         deadline = time.monotonic() + timeout
-        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        # Polled, not psutil.wait_procs: that would reap our Popen children behind subprocess's back.
+        while (procs := [p for p in procs if alive(p.pid)]) and time.monotonic() < deadline:
             time.sleep(0.2)
-        pids = {p for p in pids if alive(p)}
-        if not pids:
+        if not procs:
             return
 
 
@@ -50,8 +71,8 @@ def leftovers(live: Callable[[], set[int]], grace: float = 30.0) -> dict[int, st
         time.sleep(0.5)
     cmdlines = {}
     for pid in pids:
-        with contextlib.suppress(OSError):
-            cmdlines[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+        with contextlib.suppress(psutil.Error):
+            cmdlines[pid] = " ".join(psutil.Process(pid).cmdline())[:200]
     return cmdlines
 
 
@@ -72,11 +93,8 @@ class RunTag:
         return {**base, self.name: self.value}
 
     def carries(self, pid: int) -> bool:
-        try:
-            return f"{self.name}={self.value}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            return False
+        return bool(carrying([pid], self.name, self.value))
 
     def live(self) -> set[int]:
         """The run's Flower and Ray processes still running."""
-        return {p for p in pgrep(FLOWER_AND_RAY) if alive(p) and self.carries(p)}
+        return {p for p in carrying(pgrep(FLOWER_AND_RAY), self.name, self.value) if alive(p)}

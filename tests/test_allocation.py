@@ -518,7 +518,7 @@ def test_downlink_leaves_out_seeded_modules_and_a_separately_built_client_rebuil
     from copra_core.allocation.downlink import as_sent, fill_modules
     from copra_core.learner import ModelBundle
     from server.allocation import Allocator
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     config = tiny_config(**{"federation.transport-dtype": transport_dtype, "allocation.enabled": True})
     server, client = ModelBundle(config), ModelBundle(config)
@@ -570,7 +570,7 @@ def test_downlink_refuses_a_client_whose_seeded_adapter_differs():
 @pytest.fixture(scope="module")
 def shortcut_bundle():
     from copra_core.learner import model_bundle
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     return model_bundle(tiny_config(**{"lora.shortcuts": True}))
 
@@ -667,11 +667,12 @@ def test_module_costs_are_rank_times_in_plus_out():
 
 
 # ---------------------------------------------------------------------- through Flower
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_allocated_federation_through_flower(tmp_path):
     """Dynamic allocation, clients at ranks 2 and 4, masked padding: budget, traffic, export."""
     from copra_core.checkpoint import load_checkpoint
-    from tests.test_simulation import _run, exported_accuracy
+    from tests.helpers import exported_accuracy
+    from tests.helpers import run_tagged as _run
 
     out = tmp_path / "run"
     sets = {

@@ -60,15 +60,15 @@ def test_cli_benchmark_names_unknown_benchmarks():
     assert "unknown benchmark 'copra_vs_lora'" in result.output and "copra-vs-lora" in result.output
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_quick_benchmark_writes_tables_with_numbers(tmp_path):
-    from tests.test_simulation import _run
+    from tests.helpers import run_tagged
 
     out = tmp_path / "results"
     # Through the installed CLI, as the README shows it.
     copra_fl = str(Path(sys.executable).with_name("copra-fl"))
     args = [copra_fl, "benchmark", "copra-vs-lora", "--quick", "--seeds", "0", "--out", str(out)]
-    proc = _run(args, tmp_path, timeout=900)
+    proc = run_tagged(args, tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in (
         "copra_vs_lora_quick.md",

@@ -12,61 +12,24 @@ stops the local SuperLink: the test sends it SIGTERM, as docs/flwr_run.md tells 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.processes import FLOWER_AND_RAY, alive, leftovers, pgrep, terminate
+from tests.helpers import FLWR_RUN_CONFIG, flwr_run_config, free_port
+from tests.processes import FLOWER_AND_RAY, alive, carrying, leftovers, pgrep, terminate
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FEDERATION = "copra-local"
-# A 2-block model, 2 clients, 2 rounds and small samples: this test is about the
-# `flwr run` path, not about learning (tests/test_simulation.py covers that).
-RUN_CONFIG: dict[str, object] = {
-    "model.num-hidden-layers": 2,
-    "model.max-length": 32,
-    "federation.clients": 2,
-    "federation.rounds": 2,
-    "train.local-steps": 4,
-    "train.batch-size": 8,
-    "data.partition": "iid",
-    "data.eval-size": 64,
-    "data.val-max": 16,
-    "diagnostics.sample-size": 32,
-    "diagnostics.pairs": 1,
-    "diagnostics.grid": "0,0.5,1",
-}
-CLIENTS = int(RUN_CONFIG["federation.clients"])
-
-
-def _run_config(out_dir: Path, extra: dict[str, object] | None = None) -> str:
-    """``k=v`` pairs for ``--run-config``: TOML values, strings in single quotes (literal)."""
-
-    def toml(value: object) -> str:
-        if isinstance(value, bool):
-            return str(value).lower()
-        if isinstance(value, str):
-            return f"'{value}'"
-        return repr(value)
-
-    items = {**RUN_CONFIG, **(extra or {}), "out-dir": str(out_dir)}
-    return " ".join(f"{k}={toml(v)}" for k, v in items.items())
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+CLIENTS = int(FLWR_RUN_CONFIG["federation.clients"])
 
 
 class LocalFederation:
@@ -74,7 +37,7 @@ class LocalFederation:
 
     def __init__(self, home: Path, ray_tmp: Path) -> None:
         self.home = home
-        self.port = _free_port()
+        self.port = free_port()
         self.before = pgrep(FLOWER_AND_RAY)
         home.mkdir()
         (home / "config.toml").write_text(
@@ -86,7 +49,7 @@ class LocalFederation:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "FLWR_HOME": str(home),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.port),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -109,13 +72,8 @@ class LocalFederation:
 
     def processes(self) -> set[int]:
         """Live SuperLink/Ray processes started since, carrying this FLWR_HOME in their environment."""
-        marker = f"FLWR_HOME={self.home}\0".encode()
-        ours = set()
-        for pid in pgrep(FLOWER_AND_RAY) - self.before:
-            with contextlib.suppress(OSError):
-                if marker in Path(f"/proc/{pid}/environ").read_bytes() and alive(pid):
-                    ours.add(pid)
-        return ours
+        ours = carrying(pgrep(FLOWER_AND_RAY) - self.before, "FLWR_HOME", str(self.home))
+        return {pid for pid in ours if alive(pid)}
 
     def stop(self) -> None:
         """Stop the local SuperLink as a user does (SIGTERM); its SuperExec exits with it."""
@@ -145,7 +103,7 @@ def test_flwr_run_local_simulation(federation, tmp_path):
         "--federation-config",
         f"num-supernodes={CLIENTS} client-resources-num-cpus=1",
         "--run-config",
-        _run_config(out_dir),
+        flwr_run_config(out_dir),
         timeout=600,
     )
     output = proc.stdout + proc.stderr

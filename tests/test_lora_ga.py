@@ -24,7 +24,7 @@ from copra_core.init.gradients import estimate_weight_gradients
 from copra_core.init.lora_ga import init_offsets, lora_ga_factors, lora_ga_state
 from copra_core.learner import MODEL_KEYS, ModelBundle
 from server.initialisation import initial_adapter
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 RANK = 4
 
@@ -318,14 +318,14 @@ def test_server_source_initialisation_keeps_the_model_and_reports_its_cost(ga_bu
     _install(ga_bundle, default, {})
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_federated_lora_ga_from_clients_gives_every_client_the_same_base(tmp_path):
     """Through Flower: round-0 gradient exchange, CopRA on, checksums, export on the original base."""
-    from tests.test_simulation import _run, exported_accuracy
+    from tests.helpers import exported_accuracy, run_tagged
 
     out = tmp_path / "run"
     args = ["simulate", "--quick", "--rounds", "2", "--init", "lora_ga", "--set", "init.source=clients"]
-    proc = _run([sys.executable, "-m", "simulations.cli", *args, "--out", str(out), "--no-display"], tmp_path)
+    proc = run_tagged([sys.executable, "-m", "simulations.cli", *args, "--out", str(out), "--no-display"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((out / "config.json").read_text())

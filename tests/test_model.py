@@ -7,7 +7,7 @@ from copra_core.config import ConfigError, LoraSettings
 from copra_core.lora import build_peft_model, find_block_list, lora_layers_by_block
 from copra_core.model_loading import resolve_model_path
 from copra_core.tasks import build_task
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
