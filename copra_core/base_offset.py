@@ -15,8 +15,8 @@ with ``offset`` in the same unscaled units as ``B A``. There are two kinds, summ
   pre-trained weights plus what was learned, never half of LoRA-GA's cancellation.
 
 Module names are as in the adapter state. Offsets travel in their own ArrayRecord next to
-the adapter and are applied to a copy of the original weights every time, never
-accumulated in place: the same original weights and the same offset bytes give
+the adapter (``protocol.BASE_OFFSET``) and are applied to a copy of the original weights
+every time, never accumulated in place: the same original weights and the same offset bytes give
 bit-identical bases in every process (``checksum`` lets clients prove it).
 """
 
@@ -35,8 +35,6 @@ from copra_core.adapters import tensors_crc32
 
 SUFFIX = ".base_offset"
 INIT_SUFFIX = ".init_offset"
-#: Key of the offsets' ArrayRecord in Flower messages, next to the adapter's "arrays".
-RECORD_KEY = "base-offset"
 
 
 def module_of(key: str) -> str:
@@ -130,8 +128,8 @@ class BaseOffsets:
     def checksum(self, model: nn.Module) -> int:
         """CRC32 of the offset base weights (0 when none is offset): equal on equal bases.
 
-        Over the modules the last ``apply`` offset, so processes with different histories
-        (a cached model that served another run) still agree when their bases do.
+        Over the modules the last ``apply`` offset, so processes whose models offset other
+        modules before (another run of a sweep) still agree when their bases do.
         """
         return tensors_crc32(model.get_submodule(name).get_base_layer().weight for name in self._applied)
 

@@ -1,8 +1,11 @@
 """A client's local learner: the task, the LoRA model and its data, reused across rounds.
 
 Loading a model costs seconds, so one model per process is cached and shared by every
-partition the process serves (a simulation actor serves several); only the data is
-per partition. The adapter itself comes from the server every round.
+partition the process serves (a simulation actor serves several) and by consecutive runs
+of a sweep; only the data is per partition. The adapter itself comes from the server
+every round. Every use of the shared model starts with ``ModelBundle.session``, which
+sets the adapter and the base offsets it works with: nothing of an earlier use (another
+client, another run) survives into the next.
 """
 
 from __future__ import annotations
@@ -29,20 +32,19 @@ from copra_core.training import RoundSchedule, evaluation_sums, train_local
 
 log = logging.getLogger(__name__)
 
-# Keys that decide how the model is built; a change of any other key reuses the model.
-MODEL_KEYS = (
-    "task",
-    "seed",
-    "device",
-    "model.name",
-    "model.num-hidden-layers",
-    "model.max-length",
-    *tuple(
-        f"lora.{k}" for k in ("r", "alpha", "dropout", "target-modules", "modules-to-save", "use-rslora", "shortcuts")
-    ),
-    # The task reads these from the config it was built with: the data (the head's label
-    # count, the server's evaluation sample) and causal-LM formatting and generation.
-    *tuple(k for k in RunConfig().to_flat() if k.startswith(("data.", "causal-lm."))),
+#: Config sections whose every field shapes the model a bundle builds: the architecture,
+#: the LoRA layout and the task, which reads the data settings (the head's label count, the
+#: server's evaluation sample) and causal-LM formatting and generation from the config it
+#: was built with; plus the top-level fields that do.
+MODEL_SECTIONS = ("model", "lora", "data", "causal-lm")
+MODEL_FIELDS = ("task", "seed", "device")
+#: Fields of those sections read at every training call, not when the model is built.
+PER_CALL_FIELDS = ("lora.freeze-a",)
+#: The flat keys that decide how the model is built; a change of any other key reuses it.
+MODEL_KEYS = tuple(
+    key
+    for key in RunConfig().to_flat()
+    if (key in MODEL_FIELDS or key.split(".")[0] in MODEL_SECTIONS) and key not in PER_CALL_FIELDS
 )
 
 
@@ -70,6 +72,26 @@ class ModelBundle:
         """The seeded initial adapter (a copy), whatever the model holds now."""
         return {key: value.clone() for key, value in self._initial_state.items()}
 
+    @contextlib.contextmanager
+    def session(
+        self, state: Mapping[str, torch.Tensor], offsets: Mapping[str, torch.Tensor] | None = None
+    ) -> Iterator[PeftModel]:
+        """Use the shared model with adapter ``state`` on the base offset by ``offsets`` (none: the original).
+
+        The one reset point of the process-wide model: a client's round, an evaluation, a
+        gradient estimate or a whole server run starts here, so the adapter and base
+        weights an earlier use left behind (another client, another run of a sweep) never
+        leak in. Which parameters train is put back on exit.
+        """
+        set_adapter_state(self.model, state)
+        self.base_offsets.apply(self.model, offsets or {})
+        trainable = [param.requires_grad for param in self.model.parameters()]
+        try:
+            yield self.model
+        finally:
+            for param, requires_grad in zip(self.model.parameters(), trainable, strict=True):
+                param.requires_grad_(requires_grad)
+
 
 def calibration_gradients(
     bundle: ModelBundle, config: RunConfig, state: AdapterState, examples: Sequence, seed: int
@@ -80,9 +102,7 @@ def calibration_gradients(
     starting point LoRA-GA prepares. The same code serves the server's calibration sample
     and each client's partition (``init.source``).
     """
-    cfg = config  # not bundle.config: the cached model may have been built for another run
-    set_adapter_state(bundle.model, state)
-    bundle.base_offsets.apply(bundle.model, {})
+    cfg = config  # not bundle.config: a bundle serves every run whose MODEL_KEYS agree
     batches = bundle.task.train_batches(
         examples,
         cfg.init.batch_size or cfg.train.batch_size,
@@ -92,7 +112,7 @@ def calibration_gradients(
         group_by_length=cfg.train.group_by_length,
     )
     # Seeded dropout masks, without disturbing the caller's global RNG stream.
-    with torch.random.fork_rng(devices=[]), all_blocks_active(bundle.blocks):
+    with bundle.session(state), torch.random.fork_rng(devices=[]), all_blocks_active(bundle.blocks):
         torch.manual_seed(seed)
         gradients, count = estimate_weight_gradients(bundle.model, bundle.task, batches, bundle.device)
     if count != cfg.init.calibration_batches:
@@ -105,9 +125,14 @@ def calibration_gradients(
 _BUNDLES: dict[str, ModelBundle] = {}
 
 
+def model_key(config: RunConfig) -> str:
+    """The model cache's key: a hash of the config's ``MODEL_KEYS``."""
+    return config.fingerprint(MODEL_KEYS)
+
+
 def model_bundle(config: RunConfig) -> ModelBundle:
     """The process-wide model for this config (built once)."""
-    key = config.fingerprint(MODEL_KEYS)
+    key = model_key(config)
     if key not in _BUNDLES:
         _BUNDLES.clear()  # one model per process: a new config replaces the old one
         _BUNDLES[key] = ModelBundle(config)
@@ -161,10 +186,13 @@ class ClientLearner:
         ``plan`` (HeteroLoRA allocation): only its modules train, at its rank, and the reply
         holds just those factors plus the dense tensors.
         """
+        with self.bundle.session(state, base_offset):
+            return self._train_round(server_round, num_rounds, plan)
+
+    def _train_round(
+        self, server_round: int, num_rounds: int, plan: ClientPlan | None
+    ) -> tuple[AdapterState, dict[str, float]]:
         cfg, bundle = self.config, self.bundle
-        set_adapter_state(bundle.model, state)
-        # Always applied, also when empty: the cached model may hold another run's offsets.
-        bundle.base_offsets.apply(bundle.model, base_offset or {})
         # Dropout and LoRA-dropout draw from torch's global RNG: seed it per (client, round)
         # so a round's result does not depend on which process ran which client before.
         torch.manual_seed(_mix(cfg.seed, self.partition_id, server_round, 1))
@@ -206,8 +234,6 @@ class ClientLearner:
         ``allocation.scoring-batches`` of this client's own batches; (scores, B probed).
         """
         cfg, bundle = self.config, self.bundle
-        set_adapter_state(bundle.model, state)
-        bundle.base_offsets.apply(bundle.model, {})
         seed = _mix(cfg.seed, self.partition_id, 3)
         batches = list(
             bundle.task.train_batches(
@@ -219,26 +245,26 @@ class ClientLearner:
                 group_by_length=cfg.train.group_by_length,
             )
         )
-        return score_modules(
-            bundle.model,
-            bundle.blocks,
-            bundle.task,
-            batches,
-            bundle.device,
-            proxy=cfg.allocation.proxy,
-            probe_std=cfg.allocation.probe_b_std,
-            seed=seed,
-        )
+        with bundle.session(state):
+            return score_modules(
+                bundle.model,
+                bundle.blocks,
+                bundle.task,
+                batches,
+                bundle.device,
+                proxy=cfg.allocation.proxy,
+                probe_std=cfg.allocation.probe_b_std,
+                seed=seed,
+            )
 
     def evaluation_sums(
         self, state: AdapterState, base_offset: Mapping[str, torch.Tensor] | None = None
     ) -> dict[str, float]:
         """The task's additive statistics of ``state`` on this client's validation examples."""
         bundle = self.bundle
-        set_adapter_state(bundle.model, state)
-        bundle.base_offsets.apply(bundle.model, base_offset or {})
         batches = bundle.task.eval_batches(self.val_examples, self.config.diagnostics.batch_size)
-        return evaluation_sums(bundle.model, bundle.task, batches, bundle.device)
+        with bundle.session(state, base_offset):
+            return evaluation_sums(bundle.model, bundle.task, batches, bundle.device)
 
     def evaluate(self, state: AdapterState, base_offset: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
         return self.bundle.task.summarise(self.evaluation_sums(state, base_offset))

@@ -102,10 +102,7 @@ def train_local(
 
 @contextlib.contextmanager
 def _lora_a_frozen(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Switch off gradients of every LoRA A for the block (FFA-LoRA), restoring them after.
-
-    Restored because the model is cached per process: the next run may train A again.
-    """
+    """Switch off gradients of every LoRA A for the block (FFA-LoRA), restoring them after."""
     with frozen([p for n, p in model.named_parameters() if enabled and p.requires_grad and "lora_A" in n]):
         yield
 
@@ -120,11 +117,6 @@ def frozen(params: list[nn.Parameter]) -> Iterator[None]:
     finally:
         for param in params:
             param.requires_grad_(True)
-
-
-#: Metric-record prefix of the additive evaluation statistics a client sends beside its
-#: metrics, so the server can pool clients exactly (``server.strategy.pooled_metrics``).
-SUM_PREFIX = "sum/"
 
 
 @torch.no_grad()

@@ -6,6 +6,9 @@ message; each client scores every candidate module on its own batches and replie
 one number per module. The server averages the scores by example count, picks the modules
 that fit the budget (``copra_core/allocation/budget.py``) and attaches the decision to
 every train message until the next allocation round. Only scores travel, never data.
+
+``AllocatedFedAvg`` is the strategy of an allocated run: ``AdapterFedAvg`` plus the
+scoring rounds, the allocation record on train messages and the trimmed downlink.
 """
 
 from __future__ import annotations
@@ -13,20 +16,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from copra_core.adapters import AdapterState, array_record_nbytes
+from copra_core import protocol
+from copra_core.adapters import AdapterState, array_record_nbytes, to_array_record
 from copra_core.allocation.budget import Allocation, allocate, module_costs, weighted_scores
-from copra_core.allocation.downlink import RECORD_KEY as OMITTED_KEY
 from copra_core.allocation.downlink import as_sent, modules_checksum, untouched_modules, without_modules
 from copra_core.config import RunConfig
+from server.strategy import AdapterFedAvg
+from strategies.base import AggregationRule, StrategyContractError
 
 log = logging.getLogger(__name__)
 
-QUERY = f"{MessageType.QUERY}.proxy_scores"
 #: A MetricRecord value is a float64.
 SCORE_BYTES = 8
 
@@ -53,7 +58,7 @@ class Allocator:
         omitted = untouched_modules(state, self.seeded)
         if not omitted:
             return dict(state), None
-        record = ConfigRecord({"modules": omitted, "crc32": modules_checksum(self.seeded, omitted)})
+        record = protocol.omitted_record(omitted, modules_checksum(self.seeded, omitted))
         return without_modules(state, omitted), record
 
     def due(self, server_round: int) -> bool:
@@ -66,29 +71,18 @@ class Allocator:
         settings = self.config.allocation
         sent, omitted = self.downlink(state)
         arrays = ArrayRecord({k: v.contiguous() for k, v in sent.items()})
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord(self.config.to_flat())})
-        if omitted is not None:
-            content[OMITTED_KEY] = omitted
         nodes = list(grid.get_node_ids())
-        messages = [Message(content=content, message_type=QUERY, dst_node_id=node) for node in nodes]
         # Bounded like round 0's gradient query: a silent node must not hang the run.
-        replies = list(grid.send_and_receive(messages, timeout=self.config.federation.wait_for_nodes_s * 10))
-        valid = sorted(
-            (r for r in replies if not r.has_error()),
-            key=lambda m: m.content.metric_records["metrics"]["partition-id"],
+        valid = protocol.query_nodes(
+            grid,
+            protocol.QUERY_PROXY_SCORES,
+            protocol.query_content(arrays, self.config.to_flat(), omitted),
+            timeout=self.config.federation.wait_for_nodes_s * 10,
+            nodes=nodes,
+            minimum=self.config.federation.min_train_nodes,
+            purpose="allocation: proxy scores",
         )
-        failed = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
-        if failed:
-            log.warning("allocation: %d node(s) failed to score: %s", len(failed), failed)
-        if len(valid) < self.config.federation.min_train_nodes:
-            raise RuntimeError(
-                f"allocation: {len(valid)} of {len(nodes)} nodes sent proxy scores, fewer than "
-                f"federation.min-train-nodes={self.config.federation.min_train_nodes} (failures: {failed})"
-            )
-        per_client = [
-            (dict(r.content.metric_records["scores"]), int(r.content.metric_records["metrics"]["num-examples"]))
-            for r in valid
-        ]
+        per_client = [(dict(r.content.metric_records[protocol.SCORES]), protocol.num_examples_of(r)) for r in valid]
         unknown = sorted(set(per_client[0][0]) ^ set(self.costs))
         if unknown:
             raise RuntimeError(f"allocation: scores do not name the adapter's LoRA modules: {unknown[:3]}")
@@ -113,7 +107,7 @@ class Allocator:
             "allocation/candidates": len(self.costs),
             "allocation/params": self.current.params,
             "allocation/clients": len(valid),
-            "allocation/probed_b": int(any(r.content.metric_records["metrics"]["probed-b"] for r in valid)),
+            "allocation/probed_b": int(any(protocol.reply_metrics(r)[protocol.PROBED_B] for r in valid)),
             "allocation/scoring_s": time.perf_counter() - started,
             # The scoring round's traffic: the trimmed adapter down to every node, one score per module up.
             "comm/allocation_bytes_down": array_record_nbytes(arrays) * len(nodes),
@@ -149,4 +143,54 @@ class Allocator:
     def record(self) -> ConfigRecord:
         """The decision as sent to the clients (``client/app.py`` reads it)."""
         assert self.current is not None
-        return ConfigRecord({"modules": list(self.current.modules), "ranking": list(self.current.ranking)})
+        return protocol.allocation_record(self.current.modules, self.current.ranking)
+
+
+class AllocatedFedAvg(AdapterFedAvg):
+    """``AdapterFedAvg`` under a HeteroLoRA allocation.
+
+    Before a round that is due (``Allocator.due``) the clients score the modules and the
+    server decides; every train message carries the decision; every message leaves out
+    the modules still at their seeded value (``copra_core/allocation/downlink.py``). The
+    rule must accept partial replies (``masked``).
+
+    Parameters
+    ----------
+    rule : AggregationRule
+        A rule with ``partial_updates``.
+    initial_state : AdapterState
+        The global adapter before round 1.
+    allocator : Allocator
+        Decides and remembers the allocation.
+    **kwargs
+        As ``AdapterFedAvg``.
+    """
+
+    def __init__(self, rule: AggregationRule, initial_state: AdapterState, allocator: Allocator, **kwargs: Any) -> None:
+        if not rule.partial_updates:
+            raise StrategyContractError(
+                f"allocation.enabled needs a rule that accepts partial replies (strategy.name=masked); "
+                f"{type(rule).__name__} averages whole adapters and would read untrained modules as zeros"
+            )
+        super().__init__(rule, initial_state, **kwargs)
+        self.allocator = allocator
+        self._omitted = 0
+
+    def before_round(self, server_round: int, grid: Grid) -> dict:
+        if not self.allocator.due(server_round):
+            return {}
+        return self.allocator.refresh(grid, server_round, self.current)
+
+    def downlink(self, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
+        arrays, records = super().downlink(arrays)
+        sent, omitted = self.allocator.downlink(self.current)
+        self._omitted = len(omitted[protocol.MODULES]) if omitted is not None else 0
+        if omitted is None:
+            return arrays, records
+        return to_array_record(sent, self.transport_dtype), {**records, protocol.OMITTED: omitted}
+
+    def train_records(self) -> dict:
+        return {protocol.ALLOCATION: self.allocator.record()}
+
+    def downlink_metrics(self, messages: list[Message]) -> dict:
+        return {"comm/modules_omitted": self._omitted, **super().downlink_metrics(messages)}

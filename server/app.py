@@ -1,31 +1,33 @@
 """Flower ServerApp: one federated run from config to report.
 
-Read top to bottom, a run is: validate the config; load the server's copy of the model
-and its fixed evaluation sets; resolve and dry-run the aggregation rule; compute the
+``ServerRun`` reads top to bottom in the order a run happens: resolve and dry-run the
+aggregation rule and apply its client settings to the run's own copy of the config; load
+the server's copy of the model and its fixed evaluation sets (``set_up``); compute the
 initial adapter once (round 0: LoRA-GA's gradient estimate, ``server/initialisation.py``)
-or, resuming, load the last checkpoint; let Flower's FedAvg loop send the global
-adapter, collect client adapters, screen them, aggregate them with the rule and measure
-the barrier diagnostics (``server/strategy.py``); after each round, evaluate the global
-adapter, write one row of metrics.jsonl and a checkpoint; at the end export the adapter
-in PEFT format and write report.md with plots.
+or, resuming, load the last checkpoint (``initial_adapter``); let Flower's FedAvg loop
+send the global adapter, collect client adapters, screen them, aggregate them with the
+rule and measure the barrier diagnostics (``rounds``, ``server/strategy.py``); after each
+round evaluate the global adapter, write one row of metrics.jsonl and a checkpoint and
+hand the row to the observers (``end_of_round``); at the end export the adapter in PEFT
+format (``export``) and write report.md with plots (``finish``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 import strategies
-from copra_core.adapters import AdapterState, export_adapter, set_adapter_state
+from copra_core import protocol
+from copra_core.adapters import AdapterState, export_adapter
 from copra_core.allocation.export import export_allocated_adapter
-from copra_core.allocation.masking import effective_state
-from copra_core.allocation.merge import pad_average, product_average
 from copra_core.allocation.proxies import build_proxy
 from copra_core.base_offset import save_offsets
 from copra_core.checkpoint import (
@@ -37,15 +39,14 @@ from copra_core.checkpoint import (
     save_checkpoint,
 )
 from copra_core.config import ConfigError, RunConfig
-from copra_core.diagnostics import MaskedAverages, round_diagnostics
 from copra_core.evaluator import ServerEvaluator
 from copra_core.learner import model_bundle
 from copra_core.reporting import MetricsLog, atomic_write_text, write_report
-from server.allocation import Allocator
+from server.allocation import AllocatedFedAvg, Allocator
+from server.diagnostics import RoundDiagnostics
 from server.initialisation import initial_adapter
 from server.metrics import pooled_metrics
 from server.strategy import AdapterFedAvg
-from strategies.base import ClientUpdate
 
 log = logging.getLogger(__name__)
 
@@ -97,173 +98,200 @@ def check_allocation(config: RunConfig, rule: strategies.AggregationRule) -> Non
         )
 
 
-def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver] = (log_round,)) -> Path:
-    """Run the federation described by ``config``; return the output folder."""
-    config.validate()
-    rule = strategies.build(config.strategy.name, config.strategy.options)
-    check_allocation(config, rule)
+def with_client_overrides(config: RunConfig, rule: strategies.AggregationRule) -> RunConfig:
+    """A copy of ``config`` with the settings the rule imposes on the clients (e.g. FFA-LoRA freezes A).
+
+    A copy: a simulation runs the ServerApp in a thread of the caller's process, and a
+    change of the caller's config would leak into what it does next (benchmark caches).
+    """
+    config = copy.deepcopy(config)
     if rule.client_overrides:
-        # e.g. FFA-LoRA freezes A on every client; the clients read the config sent below.
         log.info("strategy %s sets %s", config.strategy.name, dict(rule.client_overrides))
         config.update(dict(rule.client_overrides))
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = None
-    if config.federation.resume:
-        checkpoint = load_checkpoint(out_dir)
-        check_resumable(checkpoint, config.to_flat(), out_dir / FILE_NAME)
-        log.info("resuming %s after round %d", out_dir, checkpoint.round)
-    atomic_write_text(out_dir / "config.json", config.to_json())
+    return config
 
-    bundle = model_bundle(config)
-    task = bundle.task
-    seeded_state = bundle.initial_state()
-    set_adapter_state(bundle.model, seeded_state)  # the cached model may hold a previous run's adapter
-    bundle.base_offsets.apply(bundle.model, {})  # ... and a previous run's base offsets
-    strategies.dry_run(rule, seeded_state)  # a broken rule fails here, before round 1
 
-    global_eval = ServerEvaluator(bundle, task.server_examples(config.data.eval_size), config.diagnostics.batch_size)
-    diag_eval = ServerEvaluator(
-        bundle, task.server_examples(config.diagnostics.sample_size), config.diagnostics.batch_size
-    )
-    grid_alphas = config.interpolation_grid()
+class ServerRun:
+    """One federated run on ``grid``; ``run`` reads in round order.
 
-    def diagnostics(
-        server_round: int, updates: Sequence[ClientUpdate], aggregate: AdapterState, offset_change: AdapterState
-    ) -> dict:
-        states, masked = [u.state for u in updates], None
-        if rule.partial_updates:
-            # Clients trained different modules/ranks: compare the adapters their models held,
-            # and average each module over the clients that trained it.
-            current = strategy.previous
-            partials = [(u.state, float(u.num_examples)) for u in updates]
-            states = [effective_state(u.state, current) for u in updates]
-            product, dense = product_average(partials, current)
-            masked = MaskedAverages(factor=pad_average(partials, current), product=product, dense=dense)
-        metrics, clients, curves = round_diagnostics(
-            states,
-            [u.num_examples for u in updates],
-            aggregate,
-            diag_eval,
-            grid=grid_alphas,
-            num_pairs=config.diagnostics.pairs,
-            seed=config.seed * 10_007 + server_round,
-            offset_change=offset_change,
-            masked=masked,
+    ``set_up`` (output folder, checkpoint, the server's model and evaluation sets, the
+    rule's dry run), ``initial_adapter`` (round 0 or the checkpoint), ``rounds`` (Flower's
+    loop, with ``end_of_round`` after each), ``export`` (adapter, offsets, report).
+    ``observers`` receive every finished row; ``finish`` is the end-of-run step.
+    """
+
+    def __init__(self, grid: Grid, config: RunConfig, observers: Sequence[RoundObserver] = (log_round,)) -> None:
+        config.validate()
+        self.grid = grid
+        self.observers = tuple(observers)
+        self.rule = strategies.build(config.strategy.name, config.strategy.options)
+        check_allocation(config, self.rule)
+        #: The run's own config (never the caller's object): the rule's client overrides applied.
+        self.config = with_client_overrides(config, self.rule)
+        self.out_dir = Path(self.config.out_dir)
+        self.checkpoint: Checkpoint | None = None
+
+    def run(self) -> Path:
+        """The whole run; returns the output folder."""
+        self.set_up()
+        with self.bundle.session(self.seeded_state):  # whatever an earlier run left in the model
+            self.initial_adapter()
+            self.rounds()
+            self.export()
+        self.finish()
+        return self.out_dir
+
+    # ------------------------------------------------------------------ set-up
+    def set_up(self) -> None:
+        config = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if config.federation.resume:
+            self.checkpoint = load_checkpoint(self.out_dir)
+            check_resumable(self.checkpoint, config.to_flat(), self.out_dir / FILE_NAME)
+            log.info("resuming %s after round %d", self.out_dir, self.checkpoint.round)
+        atomic_write_text(self.out_dir / "config.json", config.to_json())
+        self.bundle = model_bundle(config)
+        self.seeded_state = self.bundle.initial_state()
+        strategies.dry_run(self.rule, self.seeded_state)  # a broken rule fails here, before round 1
+        task, batch_size = self.bundle.task, config.diagnostics.batch_size
+        self.global_eval = ServerEvaluator(self.bundle, task.server_examples(config.data.eval_size), batch_size)
+        diag_eval = ServerEvaluator(self.bundle, task.server_examples(config.diagnostics.sample_size), batch_size)
+        self.diagnostics = RoundDiagnostics(
+            diag_eval, config.diagnostics, config.interpolation_grid(), config.seed, self.rule.partial_updates
         )
-        metrics["clients"] = [
-            {"partition-id": int(u.metrics.get("partition-id", -1)), "num-examples": u.num_examples, **c}
-            for u, c in zip(updates, clients, strict=True)
-        ]
-        metrics["curves"] = [vars(c) | {"pair": list(c.pair)} for c in curves]
-        return metrics
+        rows = self.checkpoint.metrics if self.checkpoint else ()
+        self.metrics_log = MetricsLog(self.out_dir / "metrics.jsonl", rows=rows)
+        wait_for_nodes(self.grid, config.federation.clients, config.federation.wait_for_nodes_s)
 
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl", rows=checkpoint.metrics if checkpoint else ())
-    wait_for_nodes(grid, config.federation.clients, config.federation.wait_for_nodes_s)
-    if checkpoint is None:
-        # Round 0: the initial adapter (LoRA-GA: from a gradient estimate) and its base offsets.
-        initial_state, init_offsets, init_metrics = initial_adapter(grid, config, bundle, seeded_state)
-    else:
-        initial_state = checkpoint.tensors["initial"] or seeded_state
-        init_offsets, init_metrics = checkpoint.tensors["init_offsets"], {}
-
-    strategy = AdapterFedAvg(
-        rule=rule,
-        initial_state=checkpoint.tensors["global"] if checkpoint else initial_state,
-        transport_dtype=config.federation.transport_dtype,
-        diagnostics=diagnostics if config.diagnostics.enabled else None,
-        on_base_offset=lambda offsets: bundle.base_offsets.apply(bundle.model, offsets),
-        base_checksum=lambda: bundle.base_offsets.checksum(bundle.model),
-        screening=config.screening,
-        fraction_train=config.federation.fraction_train,
-        fraction_evaluate=config.federation.fraction_evaluate,
-        min_train_nodes=config.federation.min_train_nodes,
-        min_evaluate_nodes=min(config.federation.min_train_nodes, config.federation.clients),
-        # wait_for_nodes above waited for all clients once; later rounds go on with the live
-        # nodes (a dropped node must not stall the federation) as long as enough remain.
-        min_available_nodes=config.federation.min_train_nodes,
-        allocator=Allocator(config, seeded_state) if config.allocation.enabled else None,
-        sampling_seed=config.seed,
-        partition_timeout=config.federation.wait_for_nodes_s * 10,
-        evaluate_metrics_aggr_fn=pooled_metrics(bundle.task.summarise),
-    )
-    if init_offsets:
-        strategy.set_init_offsets(init_offsets)
-        bundle.base_offsets.apply(bundle.model, strategy.offsets)
-        # The clients report the same checksum of their bases every round (clients/base_crc32).
-        init_metrics["init/base_crc32"] = bundle.base_offsets.checksum(bundle.model)
-    if checkpoint is not None:
-        rule.load_state_dict(checkpoint.tensors["rule"])
-        strategy.resume(checkpoint.round, checkpoint.tensors["rule_offsets"])
-        if strategy.allocator is not None:  # the allocation in force (a static one is not re-scored)
-            strategy.allocator.load_state_dict(checkpoint.server_state.get("allocation", {}))
-        bundle.base_offsets.apply(bundle.model, strategy.offsets)
-        restore_rng(checkpoint)
-    else:
-        random.seed(config.seed)  # node sampling seeds its own draws (server/sampling.py)
-
-    def write_checkpoint(server_round: int) -> None:
-        tensors = {"global": strategy.current, "init_offsets": strategy.init_offsets, "rule": rule.state_dict()}
-        tensors |= {"rule_offsets": strategy.rule_offsets, "initial": initial_state if init_offsets else {}}
-        server_state = {"allocation": strategy.allocator.state_dict()} if strategy.allocator else {}
-        save_checkpoint(
-            out_dir, Checkpoint(server_round, config.to_flat(), tensors, metrics_log.rows, server_state=server_state)
-        )
-
-    def end_of_round(flower_round: int, arrays) -> MetricRecord | None:
-        """Flower calls this after every round (and once before round 1): evaluate, record, checkpoint."""
-        server_round = flower_round + strategy.completed_rounds
-        if checkpoint is not None and flower_round == 0:
-            return None  # resumed: this round's row and checkpoint exist already
-        result = global_eval.factor(strategy.current)
-        row: dict = {"round": server_round}
-        row.update({f"global/{k}": v for k, v in result.items()})
-        # Task-specific extras on the global adapter the model now holds (causal_lm: generation, ROUGE-L).
-        row.update(task.after_round(bundle.model, server_round, config.federation.rounds, out_dir))
-        if server_round == 0:
-            row.update(init_metrics)
+    # ------------------------------------------------------------------ round 0
+    def initial_adapter(self) -> None:
+        """The initial adapter and its base offsets (LoRA-GA: from a gradient estimate), or the checkpoint's."""
+        config, bundle, checkpoint = self.config, self.bundle, self.checkpoint
+        if checkpoint is None:
+            self.initial_state, init_offsets, self.init_metrics = initial_adapter(
+                self.grid, config, bundle, self.seeded_state
+            )
         else:
-            row.update({k: v for k, v in strategy.round_metrics.items() if not k.startswith("_")})
-            row["time/round_s"] = time.perf_counter() - strategy.round_metrics["_t_start"]
-        metrics_log.append(row)
-        write_checkpoint(server_round)
-        for observer in observers:
+            self.initial_state = checkpoint.tensors["initial"] or self.seeded_state
+            init_offsets, self.init_metrics = checkpoint.tensors["init_offsets"], {}
+        self.strategy = self.build_strategy(checkpoint.tensors["global"] if checkpoint else self.initial_state)
+        if init_offsets:
+            self.strategy.set_init_offsets(init_offsets)
+            bundle.base_offsets.apply(bundle.model, self.strategy.base_offsets.all)
+            # The clients report the same checksum of their bases every round (clients/base_crc32).
+            self.init_metrics["init/base_crc32"] = bundle.base_offsets.checksum(bundle.model)
+        if checkpoint is not None:
+            self.rule.load_state_dict(checkpoint.tensors["rule"])
+            self.strategy.resume(checkpoint.round, checkpoint.tensors["rule_offsets"])
+            if isinstance(self.strategy, AllocatedFedAvg):  # the allocation in force (a static one is not re-scored)
+                self.strategy.allocator.load_state_dict(checkpoint.server_state.get("allocation", {}))
+            bundle.base_offsets.apply(bundle.model, self.strategy.base_offsets.all)
+            restore_rng(checkpoint)
+        else:
+            random.seed(config.seed)  # node sampling seeds its own draws (server/sampling.py)
+
+    def build_strategy(self, global_state: AdapterState) -> AdapterFedAvg:
+        """Flower's FedAvg loop with the rule, the diagnostics and the run's sampling settings."""
+        config, bundle, federation = self.config, self.bundle, self.config.federation
+        settings = dict(
+            rule=self.rule,
+            initial_state=global_state,
+            transport_dtype=federation.transport_dtype,
+            diagnostics=self.diagnostics if config.diagnostics.enabled else None,
+            on_base_offset=lambda offsets: bundle.base_offsets.apply(bundle.model, offsets),
+            base_checksum=lambda: bundle.base_offsets.checksum(bundle.model),
+            screening=config.screening,
+            fraction_train=federation.fraction_train,
+            fraction_evaluate=federation.fraction_evaluate,
+            min_train_nodes=federation.min_train_nodes,
+            min_evaluate_nodes=min(federation.min_train_nodes, federation.clients),
+            # wait_for_nodes waited for all clients once; later rounds go on with the live
+            # nodes (a dropped node must not stall the federation) as long as enough remain.
+            min_available_nodes=federation.min_train_nodes,
+            sampling_seed=config.seed,
+            partition_timeout=federation.wait_for_nodes_s * 10,
+            evaluate_metrics_aggr_fn=pooled_metrics(bundle.task.summarise),
+        )
+        if config.allocation.enabled:
+            return AllocatedFedAvg(allocator=Allocator(config, self.seeded_state), **settings)
+        return AdapterFedAvg(**settings)
+
+    # ------------------------------------------------------------------ rounds
+    def rounds(self) -> None:
+        """Flower's round loop; ``end_of_round`` runs after every round (and once before round 1)."""
+        flat = self.config.to_flat()
+        self.strategy.start(
+            grid=self.grid,
+            initial_arrays=self.strategy.initial_arrays(),
+            num_rounds=self.config.federation.rounds - self.strategy.completed_rounds,
+            timeout=self.config.federation.round_timeout_s,
+            train_config=ConfigRecord({**flat, protocol.NUM_ROUNDS: self.config.federation.rounds}),
+            evaluate_config=ConfigRecord(flat),
+            evaluate_fn=self.end_of_round,
+        )
+
+    def end_of_round(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Evaluate the global adapter, record the round's row and a checkpoint."""
+        server_round = flower_round + self.strategy.completed_rounds
+        if self.checkpoint is not None and flower_round == 0:
+            return None  # resumed: this round's row and checkpoint exist already
+        result = self.global_eval.factor(self.strategy.current)
+        row: dict = {"round": server_round, **{f"global/{k}": v for k, v in result.items()}}
+        # Task-specific extras on the global adapter the model now holds (causal_lm: generation, ROUGE-L).
+        row.update(
+            self.bundle.task.after_round(self.bundle.model, server_round, self.config.federation.rounds, self.out_dir)
+        )
+        row.update(self.init_metrics if server_round == 0 else self.strategy.finish_round())
+        self.metrics_log.append(row)
+        self.write_checkpoint(server_round)
+        for observer in self.observers:
             observer(row)
         return MetricRecord({f"global/{k}": v for k, v in result.items()})
 
-    train_config = ConfigRecord({**config.to_flat(), "num-rounds": config.federation.rounds})
-    strategy.start(
-        grid=grid,
-        initial_arrays=strategy.initial_arrays(),
-        num_rounds=config.federation.rounds - strategy.completed_rounds,
-        timeout=config.federation.round_timeout_s,
-        train_config=train_config,
-        evaluate_config=ConfigRecord(config.to_flat()),
-        evaluate_fn=end_of_round,
-    )
-
-    # LoRA-GA's offset only cancels its initial factors: fold them into the exported adapter
-    # (rank 2r), which then needs no offset on the original base.
-    if config.allocation.enabled:
-        # Only the modules in use, each at its own rank (PEFT rank_pattern).
-        export_allocated_adapter(bundle.model, strategy.current, out_dir / "adapter")
-    else:
-        export_adapter(
-            bundle.model, strategy.current, out_dir / "adapter", initial=initial_state if init_offsets else None
+    def write_checkpoint(self, server_round: int) -> None:
+        strategy = self.strategy
+        offsets = strategy.base_offsets
+        tensors = {"global": strategy.current, "init_offsets": offsets.init, "rule": self.rule.state_dict()}
+        tensors |= {"rule_offsets": offsets.rule, "initial": self.initial_state if offsets.init else {}}
+        server_state = {"allocation": strategy.allocator.state_dict()} if isinstance(strategy, AllocatedFedAvg) else {}
+        checkpoint = Checkpoint(
+            server_round, self.config.to_flat(), tensors, self.metrics_log.rows, server_state=server_state
         )
-    if strategy.rule_offsets:
-        # A strategy's offsets (residual) are full rank: ship them next to the adapter
-        # (docs/strategies.md shows how to apply them).
-        save_offsets(strategy.rule_offsets, out_dir / "base_offset.safetensors")
-    write_report(
-        out_dir,
-        metrics_log.rows,
-        config.to_json(),
-        task.metric,
-        title=f"copra-fl run: {config.task} on {config.data.dataset}, strategy {config.strategy.name}, "
-        f"{'CopRA' if config.copra.enabled else 'plain LoRA'}",
-    )
-    return out_dir
+        save_checkpoint(self.out_dir, checkpoint)
+
+    # ------------------------------------------------------------------ end
+    def export(self) -> None:
+        """The final adapter in PEFT format (and a rule's base offsets next to it)."""
+        current, offsets = self.strategy.current, self.strategy.base_offsets
+        if self.config.allocation.enabled:
+            # Only the modules in use, each at its own rank (PEFT rank_pattern).
+            export_allocated_adapter(self.bundle.model, current, self.out_dir / "adapter")
+        else:
+            # LoRA-GA's offset only cancels its initial factors: fold them into the exported
+            # adapter (rank 2r), which then needs no offset on the original base.
+            initial = self.initial_state if offsets.init else None
+            export_adapter(self.bundle.model, current, self.out_dir / "adapter", initial=initial)
+        if offsets.rule:
+            # A strategy's offsets (residual) are full rank: ship them next to the adapter
+            # (docs/strategies.md shows how to apply them).
+            save_offsets(offsets.rule, self.out_dir / "base_offset.safetensors")
+
+    def finish(self) -> None:
+        """report.md with its plots, from every row of the run."""
+        config = self.config
+        method = "CopRA" if config.copra.enabled else "plain LoRA"
+        write_report(
+            self.out_dir,
+            self.metrics_log.rows,
+            config.to_json(),
+            self.bundle.task.metric,
+            title=f"copra-fl run: {config.task} on {config.data.dataset}, strategy {config.strategy.name}, {method}",
+        )
+
+
+def run_server(grid: Grid, config: RunConfig, observers: Sequence[RoundObserver] = (log_round,)) -> Path:
+    """Run the federation described by ``config`` (left unchanged); return the output folder."""
+    return ServerRun(grid, config, observers).run()
 
 
 def make_server_app(

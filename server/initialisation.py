@@ -14,9 +14,10 @@ import logging
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
+from copra_core import protocol
 from copra_core.adapters import LORA_A, LORA_B, AdapterState, from_array_record, lora_modules, to_array_record
 from copra_core.config import RunConfig
 from copra_core.diagnostics import normalised_weights
@@ -65,33 +66,22 @@ def initial_adapter(
 
 def client_gradients(grid: Grid, config: RunConfig, state: AdapterState) -> tuple[dict[str, torch.Tensor], int]:
     """Example-weighted mean of every connected client's gradient estimate; (gradients, clients)."""
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: v.contiguous() for k, v in state.items()}),
-            "config": ConfigRecord(config.to_flat()),
-        }
-    )
-    nodes = list(grid.get_node_ids())
-    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
+    content = protocol.query_content(ArrayRecord({k: v.contiguous() for k, v in state.items()}), config.to_flat())
     # Bounded: a node that never answers must not hang the run (ten times the connect wait;
-    # the estimate is a few forward/backward passes).
-    replies = list(grid.send_and_receive(messages, timeout=config.federation.wait_for_nodes_s * 10))
-    valid = [reply for reply in replies if not reply.has_error()]
-    failed = {reply.metadata.src_node_id: reply.error.reason for reply in replies if reply.has_error()}
-    if failed:
-        log.warning("init: %d node(s) failed to estimate gradients: %s", len(failed), failed)
-    if len(valid) < config.federation.min_train_nodes:
-        raise RuntimeError(
-            f"init.source=clients: {len(valid)} of {len(nodes)} nodes sent a gradient estimate, fewer than "
-            f"federation.min-train-nodes={config.federation.min_train_nodes} (failures: {failed})"
-        )
-    # A fixed order (by partition), so the sum is reproducible whatever order replies arrive in.
-    valid.sort(key=lambda m: m.content.metric_records["metrics"]["partition-id"])
-    weights = normalised_weights([int(m.content.metric_records["metrics"]["num-examples"]) for m in valid])
+    # the estimate is a few forward/backward passes). By partition: the sum is reproducible.
+    replies = protocol.query_nodes(
+        grid,
+        protocol.QUERY_GRADIENTS,
+        content,
+        timeout=config.federation.wait_for_nodes_s * 10,
+        minimum=config.federation.min_train_nodes,
+        purpose="init.source=clients: gradient estimate",
+    )
+    weights = normalised_weights([protocol.num_examples_of(reply) for reply in replies])
     expected = {m: (state[m + LORA_B].shape[0], state[m + LORA_A].shape[1]) for m in lora_modules(state)}
     mean: dict[str, torch.Tensor] = {}
-    for reply, weight in zip(valid, weights, strict=True):
-        gradients = from_array_record(reply.content.array_records["gradients"])
+    for reply, weight in zip(replies, weights, strict=True):
+        gradients = protocol.read_arrays(reply, protocol.GRADIENTS)
         shapes = {name: tuple(g.shape) for name, g in gradients.items()}
         if shapes != expected:
             raise RuntimeError(
@@ -102,4 +92,4 @@ def client_gradients(grid: Grid, config: RunConfig, state: AdapterState) -> tupl
         for name, gradient in gradients.items():
             weighted = gradient.double() * weight
             mean[name] = mean[name] + weighted if name in mean else weighted
-    return {name: value.float() for name, value in mean.items()}, len(valid)
+    return {name: value.float() for name, value in mean.items()}, len(replies)

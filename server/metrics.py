@@ -16,7 +16,7 @@ from collections.abc import Callable
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from copra_core.training import SUM_PREFIX
+from copra_core.protocol import SUM_PREFIX
 
 Summarise = Callable[[dict[str, float]], dict[str, float]]
 

@@ -23,12 +23,42 @@ import random
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
+
+from copra_core import protocol
 
 log = logging.getLogger(__name__)
 
-QUERY = f"{MessageType.QUERY}.partition"
+
+class NodeSampler:
+    """Where FedAvg's draws of nodes come from: by partition when it draws a subset, seeded per round.
+
+    Parameters
+    ----------
+    seed : int
+        Seeds each round's draw (the run's ``seed``).
+    partial : bool
+        Whether some phase samples a fraction of the nodes. Only a partial sample depends
+        on the nodes' order; a full one skips the partition query.
+    timeout : float
+        Seconds to wait for a new node's partition id.
+    """
+
+    def __init__(self, seed: int, partial: bool, timeout: float) -> None:
+        self.seed = seed
+        self.partial = partial
+        self.timeout = timeout
+        self._partition_of: dict[int, int] = {}
+
+    @contextmanager
+    def draw(self, grid: Grid, server_round: int, phase: str) -> Iterator[Grid]:
+        """The grid FedAvg draws from, under the seeded draw of (seed, round, phase)."""
+        if self.partial:
+            grid = PartitionOrderedGrid(grid, self._partition_of, self.timeout)  # type: ignore[assignment]
+            grid.refresh()  # the query's messages must not run inside the seeded draw
+        with seeded_draw(self.seed, server_round, phase):
+            yield grid
 
 
 class PartitionOrderedGrid:
@@ -75,16 +105,15 @@ class PartitionOrderedGrid:
 
 def ask_partitions(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
     """Node id -> partition id for ``nodes``, from one ``query.partition`` message each."""
-    messages = [
-        Message(content=RecordDict({"config": ConfigRecord({})}), message_type=QUERY, dst_node_id=node)
-        for node in nodes
-    ]
-    replies = grid.send_and_receive(messages, timeout=timeout)
-    return {
-        r.metadata.src_node_id: int(r.content.metric_records["metrics"]["partition-id"])
-        for r in replies
-        if not r.has_error()
-    }
+    replies = protocol.query_nodes(
+        grid,
+        protocol.QUERY_PARTITION,
+        RecordDict({protocol.CONFIG: ConfigRecord({})}),
+        timeout=timeout,
+        nodes=nodes,
+        purpose="sampling: partition query",
+    )
+    return {reply.metadata.src_node_id: protocol.partition_of(reply) for reply in replies}
 
 
 @contextmanager

@@ -329,7 +329,7 @@ def test_federated_lora_ga_from_clients_gives_every_client_the_same_base(tmp_pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((out / "config.json").read_text())
-    assert config["copra"]["enabled"] and config["init"]["method"] == "lora_ga"
+    assert config["copra.enabled"] and config["init.method"] == "lora_ga"  # flat keys
     assert rows[0]["init/clients"] == 2
     server_crc = rows[0]["init/base_crc32"]
     assert server_crc != 0
@@ -338,7 +338,7 @@ def test_federated_lora_ga_from_clients_gives_every_client_the_same_base(tmp_pat
         assert row["clients/distinct_bases"] == 1
         assert row["clients/base_crc32"] == [server_crc] and row["server/base_crc32"] == server_crc
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert saved["r"] == 2 * config["lora"]["r"]
+    assert saved["r"] == 2 * config["lora.r"]
     assert not (out / "base_offset.safetensors").exists()  # folded into the adapter instead
     # Loaded with PEFT on the ORIGINAL base, the adapter gives the run's final accuracy.
     assert exported_accuracy(out) == pytest.approx(rows[-1]["global/accuracy"], abs=1e-9)
@@ -347,8 +347,7 @@ def test_federated_lora_ga_from_clients_gives_every_client_the_same_base(tmp_pat
 def test_server_rejects_clients_whose_base_differs_from_its_own():
     from types import SimpleNamespace
 
-    from server.strategy import AdapterFedAvg
-    from strategies.linear import LinearAveraging
+    from server.offsets import check_client_bases
 
     def reply(node: int, crc: int) -> SimpleNamespace:
         return SimpleNamespace(
@@ -356,11 +355,11 @@ def test_server_rejects_clients_whose_base_differs_from_its_own():
             content=SimpleNamespace(metric_records={"metrics": {"base-crc32": crc}}),
         )
 
-    state = {"m.lora_A.weight": torch.zeros(2, 4), "m.lora_B.weight": torch.zeros(4, 2)}
-    strategy = AdapterFedAvg(LinearAveraging(), state, base_checksum=lambda: 7)
-    strategy._check_client_bases([reply(1, 7), reply(2, 7)])
-    assert strategy.round_metrics["server/base_crc32"] == 7
+    metrics = check_client_bases([reply(1, 7), reply(2, 7)], lambda: 7)
+    assert metrics == {"clients/distinct_bases": 1, "clients/base_crc32": [7], "server/base_crc32": 7}
+    without_server = check_client_bases([reply(1, 7), reply(2, 7)], None)
+    assert without_server == {"clients/distinct_bases": 1, "clients/base_crc32": [7]}
     with pytest.raises(RuntimeError, match="differ from the server's"):
-        strategy._check_client_bases([reply(1, 8), reply(2, 8)])
+        check_client_bases([reply(1, 8), reply(2, 8)], lambda: 7)
     with pytest.raises(RuntimeError, match="different base weights"):
-        strategy._check_client_bases([reply(1, 7), reply(2, 8)])
+        check_client_bases([reply(1, 7), reply(2, 8)], lambda: 7)

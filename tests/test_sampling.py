@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.sampling import QUERY, PartitionOrderedGrid, seeded_draw
+from copra_core.protocol import QUERY_PARTITION as QUERY
+from server.sampling import PartitionOrderedGrid, seeded_draw
 
 
 @pytest.fixture(autouse=True)

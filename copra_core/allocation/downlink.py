@@ -18,9 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from copra_core.adapters import LORA_A, LORA_B, AdapterMismatchError, AdapterState, lora_modules, tensors_crc32
-
-#: Config record naming the left-out modules and their CRC32 (train, evaluate and scoring messages).
-RECORD_KEY = "omitted"
+from copra_core.protocol import OMITTED
 
 
 def as_sent(state: Mapping[str, torch.Tensor], transport_dtype: str) -> AdapterState:
@@ -62,7 +60,7 @@ def fill_modules(
     unknown = sorted(k for k in keys if k not in seeded)
     if sent_anyway or unknown:
         raise AdapterMismatchError(
-            f"message's '{RECORD_KEY}' record is inconsistent: sent anyway {sent_anyway[:3]}, "
+            f"message's '{OMITTED}' record is inconsistent: sent anyway {sent_anyway[:3]}, "
             f"not in this node's adapter {unknown[:3]}"
         )
     local = modules_checksum(seeded, modules)

@@ -19,17 +19,11 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from copra_core import protocol
 from copra_core.adapters import LORA_A, LORA_B, AdapterMismatchError, AdapterState, dense_keys, lora_modules
 from copra_core.config import ConfigError
 from copra_core.lora import ADAPTER_NAME
 from copra_core.training import frozen
-
-#: Node-config keys of a client's own budget (e.g. a small GPU): a fraction of the
-#: candidate modules (a prefix of the server's ranking) and a LoRA rank.
-NODE_BUDGET_KEY = "allocation-budget"
-NODE_RANK_KEY = "lora-rank"
-#: Config record of train messages that carries the allocation (modules, ranking).
-RECORD_KEY = "allocation"
 
 
 @dataclass(frozen=True)
@@ -45,16 +39,16 @@ def client_plan(
 ) -> ClientPlan:
     """The server's allocation, narrowed or widened by this node's own budget and rank."""
     chosen = tuple(modules)
-    if NODE_BUDGET_KEY in node_config:
-        fraction = float(node_config[NODE_BUDGET_KEY])  # type: ignore[arg-type]
+    if protocol.NODE_BUDGET in node_config:
+        fraction = float(node_config[protocol.NODE_BUDGET])  # type: ignore[arg-type]
         if not 0 < fraction <= 1:
-            raise ConfigError(f"Node config key '{NODE_BUDGET_KEY}' must be in (0, 1], got {fraction}.")
+            raise ConfigError(f"Node config key '{protocol.NODE_BUDGET}' must be in (0, 1], got {fraction}.")
         chosen = tuple(ranking[: max(1, int(fraction * len(ranking) + 1e-9))])
     rank = full_rank
-    if NODE_RANK_KEY in node_config:
-        rank = int(node_config[NODE_RANK_KEY])  # type: ignore[arg-type]
+    if protocol.NODE_RANK in node_config:
+        rank = int(node_config[protocol.NODE_RANK])  # type: ignore[arg-type]
         if not 0 < rank <= full_rank:
-            raise ConfigError(f"Node config key '{NODE_RANK_KEY}' must be in [1, lora.r={full_rank}], got {rank}.")
+            raise ConfigError(f"Node config key '{protocol.NODE_RANK}' must be in [1, lora.r={full_rank}], got {rank}.")
     return ClientPlan(modules=chosen, rank=rank)
 
 
@@ -71,8 +65,8 @@ def truncate(state: Mapping[str, torch.Tensor], rank: int) -> AdapterState:
 def restricted_training(model: nn.Module, plan: ClientPlan) -> Iterator[None]:
     """Only ``plan.modules``' LoRA factors train; every pair is truncated to ``plan.rank``.
 
-    Gradients of the other modules' factors are switched off and restored afterwards (the
-    model is cached per process: the next client may train other modules).
+    Gradients of the other modules' factors are switched off for the block and restored
+    afterwards.
     """
     enabled = set(plan.modules)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
