@@ -99,11 +99,87 @@ def test_dry_run_rejects_bad_outputs(cls, message):
         strategies.dry_run(cls(), template)
 
 
-def test_dry_run_accepts_good_rules_without_touching_their_state():
+def _copy(tensors):
+    return {key: value.clone() for key, value in tensors.items()}
+
+
+def _assert_unchanged(before, after, what):
+    assert before.keys() == after.keys(), what
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"{what}: '{key}' changed"
+
+
+def _valid_updates(rule, template, seed):
+    """Perturbed copies of the template; A left as it is for a rule that freezes it (FFA)."""
+    frozen_a = rule.client_overrides.get("lora.freeze-a", False)
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ClientUpdate(
+            node_id=i,
+            state={
+                k: v.clone() if frozen_a and k.endswith(".lora_A.weight") else v + torch.randn(v.shape, generator=g)
+                for k, v in template.items()
+            },
+            num_examples=n,
+        )
+        for i, n in enumerate([5, 15, 80])
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(strategies.BUILTIN))
+def test_dry_run_accepts_good_rules_without_touching_their_state(name):
+    """The dry run aggregates a copy: the rule's state after a real round (server-optimiser
+    moments and round counter, residual offsets, DARE's round) and the template stay as they were."""
     _, template = _updates()
-    rule = LinearAveraging()
+    rule = strategies.build(name)
+    rule.aggregate(_valid_updates(rule, template, seed=1), template)  # give stateful rules some state
+    state, template_before = _copy(rule.state_dict()), _copy(template)
     strategies.dry_run(rule, template)
+    _assert_unchanged(state, rule.state_dict(), f"{name}'s state")
+    _assert_unchanged(template_before, template, "the template")
     strategies.dry_run(FirstClientWins(), template)
+    _assert_unchanged(template_before, template, "the template")
+
+
+@pytest.mark.parametrize("name", sorted(strategies.BUILTIN))
+def test_rules_do_not_modify_their_inputs(name):
+    """Over two rounds (stateful rules read their state in the second) neither the clients'
+    tensors nor the current global adapter change."""
+    _, template = _updates()
+    rule = strategies.build(name)
+    current = _copy(template)
+    for round_seed in (1, 2):
+        updates = _valid_updates(rule, current, seed=round_seed)
+        sent, current_before = [_copy(u.state) for u in updates], _copy(current)
+        out = rule.aggregate(updates, current)
+        for k, (before, update) in enumerate(zip(sent, updates, strict=True)):
+            _assert_unchanged(before, update.state, f"{name}: client {k}'s update")
+        _assert_unchanged(current_before, current, f"{name}: the current adapter")
+        current = out
+
+
+def test_rules_import_without_peft_transformers_or_flower():
+    """Rules are plain tensors in, tensors out: importing the package and every built-in
+    rule's module in a fresh interpreter loads none of PEFT, transformers or Flower."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    modules = ["strategies", "copra_core.lowrank", *sorted({cls.__module__ for cls in strategies.BUILTIN.values()})]
+    assert "strategies.fedopt" in modules and "strategies.dare" in modules
+    heavy = ("peft", "transformers", "flwr")
+    code = (
+        "import importlib, json, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    importlib.import_module(name)\n"
+        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({list(heavy)!r}))))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", code, *modules], cwd=root, capture_output=True, text=True, timeout=300, check=True
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
 def test_product_svd_is_the_best_rank_r_approximation_of_the_exact_average():
