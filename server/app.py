@@ -143,6 +143,8 @@ class ServerRun:
 
     # ------------------------------------------------------------------ set-up
     def set_up(self) -> None:
+        """Output folder and config.json, the checkpoint (resuming), the server's model, its
+        evaluation sets, the rule's dry run; then wait for the nodes."""
         config = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if config.federation.resume:
@@ -232,7 +234,7 @@ class ServerRun:
 
     def end_of_round(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Evaluate the global adapter, record the round's row and a checkpoint."""
-        server_round = flower_round + self.strategy.completed_rounds
+        server_round = self.strategy.run_round(flower_round)
         if self.checkpoint is not None and flower_round == 0:
             return None  # resumed: this round's row and checkpoint exist already
         result = self.global_eval.factor(self.strategy.current)

@@ -54,7 +54,7 @@ def in_run_rounds(method: Method) -> Method:
 
     @functools.wraps(method)
     def renumbered(self: AdapterFedAvg, server_round: int, *args: Any) -> Any:
-        return method(self, server_round + self.completed_rounds, *args)
+        return method(self, self.run_round(server_round), *args)
 
     return renumbered  # type: ignore[return-value]
 
@@ -147,6 +147,10 @@ class AdapterFedAvg(FedAvg):
         """Continue after ``completed_rounds`` with the rule's offsets of that moment (from a checkpoint)."""
         self.completed_rounds = completed_rounds
         self.base_offsets.set_rule(rule_offsets)
+
+    def run_round(self, flower_round: int) -> int:
+        """The run's number of the round Flower numbers ``flower_round`` (they differ after a resume)."""
+        return flower_round + self.completed_rounds
 
     @property
     def round_metrics(self) -> dict:
