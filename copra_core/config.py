@@ -304,6 +304,23 @@ class StrategySettings:
 
 
 @dataclass
+class TrackingSettings:
+    """Experiment tracking (copra_core/tracking/, docs/tracking.md); observes the run, never changes it."""
+
+    backends: str = _help(
+        "Comma-separated tracking backends the server logs every round to: tensorboard | mlflow | wandb "
+        "(W&B offline), or 'package.module:Class'; empty = none. Needs the copra-fl[tracking] extra.",
+        default="",
+    )
+    mlflow_uri: str = _help(
+        "MLflow tracking URI (e.g. http://host:5000, sqlite:///runs/mlflow.db); empty = a SQLite store "
+        "in out-dir/mlflow.",
+        default="",
+    )
+    wandb_project: str = _help("W&B project of the offline run (synced later with wandb sync).", default="copra-fl")
+
+
+@dataclass
 class RunConfig:
     task: str = _help("Task: sequence_classification | causal_lm.", default="sequence_classification")
     seed: int = _help("Seed for partitioning, initialisation, masks and batches.", default=0)
@@ -321,6 +338,7 @@ class RunConfig:
     strategy: StrategySettings = field(default_factory=StrategySettings)
     allocation: AllocationSettings = field(default_factory=AllocationSettings)
     causal_lm: CausalLMSettings = field(default_factory=CausalLMSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
 
     # ------------------------------------------------------------------ flat keys
     def to_flat(self) -> dict[str, bool | int | float | str]:

