@@ -42,6 +42,13 @@ def simulate(
         str | None,
         typer.Option(help="The rule's options, 'name=value,...' (strategy.options), e.g. 'trim-fraction=0.2'."),
     ] = None,
+    track: Annotated[
+        str | None,
+        typer.Option(
+            help="Log every round to these tracking backends, comma-separated: tensorboard, mlflow, wandb "
+            "(tracking.backends; W&B offline; docs/tracking.md). Needs the copra-fl[tracking] extra."
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Config override key=value (repeatable); see `copra-fl config`."),
@@ -86,12 +93,18 @@ def simulate(
             overrides["strategy.options"] = strategy_options
         if init is not None:
             overrides["init.method"] = init
+        if track is not None:
+            overrides["tracking.backends"] = track
         if method is not None:
             if method not in ("copra", "lora"):
                 raise ConfigError(f"--method must be copra or lora, got '{method}'")
             overrides["copra.enabled"] = method == "copra"
         config.update(overrides)
         config.apply_overrides(set_ or [])
+        if config.tracking.backends:  # a missing library is an error now, not after Ray has started
+            from copra_core.tracking import check_backends
+
+            check_backends(config)
         config.validate()
     except (ConfigError, ValueError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
