@@ -29,7 +29,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from copra_core.config import RunConfig
+from copra_core.checkpoint import config_differences
+from copra_core.config import RunConfig, read_config_json
 from copra_core.evaluator import ServerEvaluator
 from copra_core.learner import model_bundle
 from copra_core.lora import find_block_list
@@ -75,13 +76,8 @@ def run_config(method: str, settings: dict[str, object], seed: int, out: Path) -
     return config
 
 
-def _flat(nested: dict) -> dict:
-    """config.json (sections as objects) -> {"section.field": value}."""
-    return {
-        f"{k}.{sub}" if isinstance(v, dict) else k: sv
-        for k, v in nested.items()
-        for sub, sv in (v.items() if isinstance(v, dict) else [(None, v)])
-    }
+#: Keys a reused run may differ in: where it was written and how its out-dir was prepared.
+REUSE_FREE_KEYS = frozenset({"out-dir", "federation.overwrite"})
 
 
 def finished_run_matches(run_dir: Path, config: RunConfig) -> bool:
@@ -91,9 +87,7 @@ def finished_run_matches(run_dir: Path, config: RunConfig) -> bool:
     """
     if not ((run_dir / "report.md").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()):
         return False
-    saved = _flat(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
-    wanted = _flat(json.loads(config.to_json()))
-    differ = sorted(k for k in saved.keys() | wanted.keys() if k != "out_dir" and saved.get(k) != wanted.get(k))
+    differ = config_differences(read_config_json(run_dir / "config.json"), config.to_flat(), ignore=REUSE_FREE_KEYS)
     if differ:
         raise ValueError(f"{run_dir} holds a run of another configuration (differs in {differ}); remove it")
     return True
@@ -105,6 +99,7 @@ def run_method(method: str, settings: dict[str, object], seed: int, work: Path) 
     config = run_config(method, settings, seed, out)
     if finished_run_matches(out, config):
         return out
+    config.federation.overwrite = True  # what an interrupted run left in ``out`` is replaced
     started = time.perf_counter()
     simulate(config, observers=[lambda row: None])
     atomic_write_text(out / "seconds.txt", f"{time.perf_counter() - started:.1f}\n")
@@ -176,8 +171,7 @@ def check_export(run_dir: Path) -> dict[str, object]:
     from copra_core.tasks import build_task
     from copra_core.training import evaluate
 
-    flat = _flat(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
-    config = RunConfig.from_flat({key.replace("_", "-"): value for key, value in flat.items()})
+    config = RunConfig.from_flat(read_config_json(run_dir / "config.json"))
     task = build_task(config)
     base, _ = task.load_model()
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()

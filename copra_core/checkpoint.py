@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,19 +29,45 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from copra_core.adapters import AdapterState
+from copra_core.config import ConfigError, RunConfig
 
 FILE_NAME = "checkpoint.safetensors"
 FORMAT = "copra-fl-checkpoint-1"
 #: Config keys that may differ between a run and its resumption.
 RESUME_FREE_KEYS = frozenset(
-    {"out-dir", "federation.resume", "federation.wait-for-nodes-s", "federation.round-timeout-s"}
+    {
+        "out-dir",
+        "federation.resume",
+        "federation.overwrite",
+        "federation.wait-for-nodes-s",
+        "federation.round-timeout-s",
+    }
+)
+#: What a run writes into its out-dir (server/app.py, copra_core/reporting.py, the causal_lm task):
+#: an out-dir holding any of them holds a run (``prepare_out_dir``).
+RUN_OUTPUTS = (
+    "metrics.jsonl",
+    FILE_NAME,
+    "adapter",
+    "config.json",
+    "report.md",
+    "accuracy.png",
+    "barriers.png",
+    "interpolation.png",
+    "base_offset.safetensors",
+    "generations.json",
+    "generations.md",
 )
 #: Tensor groups, stored under "<group>/<key>".
 GROUPS = ("global", "init_offsets", "initial", "rule_offsets", "rule")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or belongs to a different config."""
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, unreadable or belongs to a different config.
+
+    A configuration error (``copra-fl`` exits with 2): the run was asked to resume from a
+    folder without a usable checkpoint, or with a config the checkpoint was not written for.
+    """
 
 
 @dataclass
@@ -134,9 +161,15 @@ def config_differences(
     saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = RESUME_FREE_KEYS
 ) -> list[str]:
     """Keys whose values differ (or exist on one side only), ignoring ``ignore`` (by default the
-    keys a resumed run may change)."""
+    keys a resumed run may change).
+
+    A key that ``saved`` lacks but ``RunConfig`` has counts as its default: a key added to the
+    config after ``saved`` was written defaults to the behaviour before it existed, so
+    checkpoints and benchmark caches of earlier versions stay comparable.
+    """
+    defaults = RunConfig().to_flat()
     keys = (set(saved) | set(current)) - ignore
-    return sorted(k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>"))
+    return sorted(k for k in keys if saved.get(k, defaults.get(k, "<absent>")) != current.get(k, "<absent>"))
 
 
 def check_resumable(checkpoint: Checkpoint, current: dict[str, Any], path: Path) -> None:
@@ -147,3 +180,31 @@ def check_resumable(checkpoint: Checkpoint, current: dict[str, Any], path: Path)
             f"{k} ({checkpoint.config.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r})" for k in differing
         )
         raise CheckpointError(f"Cannot resume from {path}: the config differs from the checkpoint's in {details}")
+
+
+def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make ``out_dir`` ready for a run; refuse to lose the run it may already hold.
+
+    An out-dir holding any of ``RUN_OUTPUTS`` is refused (ConfigError naming the folder and
+    both ways out) unless ``resume`` (the run continues from its checkpoint) or ``overwrite``
+    (the previous run's outputs are removed now, so none of them is mistaken for the new
+    run's, e.g. another rule's ``base_offset.safetensors``). Other files are left alone.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"Config key 'out-dir': {out_dir} exists and is not a folder")
+    found = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    if found and not resume:
+        if not overwrite:
+            raise ConfigError(
+                f"Config key 'out-dir': {out_dir} already holds a run ({', '.join(found)}). To continue it, "
+                f"resume (copra-fl simulate --resume {out_dir}, or federation.resume=true); to replace it, "
+                "overwrite (copra-fl simulate --overwrite, or federation.overwrite=true); or choose another out-dir."
+            )
+        for name in found:
+            path = out_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,13 @@ source of truth for the server, the clients and the CLI.
 Field names are snake_case in Python and kebab-case in flat keys
 (``train.local_steps`` <-> ``train.local-steps``), following Flower's convention.
 Lists are comma-separated strings because Flower's run config holds scalars only.
+A key with a fixed set of values has a ``Literal[...]`` type on its dataclass field: the
+one list of its values, read by the conversion and ``validate`` (an error names the key
+and the allowed values), by ``copra-fl config`` and the CLI's choices (``key_choices``),
+and checked against the registries that implement the values (tests/test_config.py).
+
+A run's ``config.json`` holds the same flat keys (``RunConfig.to_json``), so
+``RunConfig.from_flat`` reads it back (``read_config_json``).
 
 Written by hand rather than with a config library: the flat, typed, scalar-only key
 space is dictated by Flower, and the mapping is ~100 lines with clear errors.
@@ -20,12 +27,23 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the key."""
+
+
+#: ``device``: not a fixed list (``cuda:N`` names any GPU), so a pattern.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def choices(typ: Any) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` type (empty for any other type)."""
+    return tuple(get_args(typ)) if get_origin(typ) is Literal else ()
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -78,12 +96,12 @@ class LoraSettings:
 
 @dataclass
 class InitSettings:
-    method: str = _help(
+    method: Literal["default", "lora_ga"] = _help(
         "Adapter initialisation (copra_core/init/): default (PEFT's: A random, B = 0) | lora_ga "
         "(gradient-aligned factors and an offset base, arXiv 2407.05000).",
         default="default",
     )
-    source: str = _help(
+    source: Literal["server", "clients"] = _help(
         "Where LoRA-GA's gradient estimate comes from: server (a calibration sample of the training "
         "data held by the server) | clients (example-weighted mean of the clients' estimates, "
         "gathered in a round-0 exchange; no raw data leaves a client).",
@@ -94,7 +112,7 @@ class InitSettings:
     )
     batch_size: int = _help("Examples per calibration batch (0 = train.batch-size).", default=0)
     gamma: float = _help("LoRA-GA's stable scale: factors are multiplied by d_out^(1/4) / sqrt(gamma).", default=16.0)
-    svd: str = _help(
+    svd: Literal["auto", "exact", "lowrank"] = _help(
         "SVD of the gradient: auto (exact for weights up to 1024 x 1024, else randomised) | exact | "
         "lowrank (torch.svd_lowrank with q = 4r, niter = 4).",
         default="auto",
@@ -128,8 +146,8 @@ class TrainSettings:
         default=0.0,
     )
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
-    lr_schedule: str = _help(
-        "Learning-rate decay over GLOBAL progress (round and step): constant | cosine | linear.",
+    lr_schedule: Literal["constant", "cosine", "linear"] = _help(
+        "Learning-rate decay over GLOBAL progress (round and step).",
         default="cosine",
     )
     threads: int = _help("torch threads per client process (0 = torch's default).", default=0)
@@ -138,17 +156,17 @@ class TrainSettings:
 
 @dataclass
 class DataSettings:
-    dataset: str = _help(
-        "Dataset name in data/MANIFEST.md: sst2 | mrpc | ag_news (sequence_classification), dolly (causal_lm).",
+    dataset: Literal["sst2", "mrpc", "ag_news", "dolly"] = _help(
+        "Dataset in data/MANIFEST.md: dolly is for task causal_lm, the others for sequence_classification.",
         default="sst2",
     )
     dir: str = _help(
         "Folder holding the vendored datasets; '' = $COPRA_FL_DATA_DIR, else the repository's data/.",
         default="",
     )
-    partition: str = _help(
-        "Client partitioning: iid | dirichlet | pathological (flwr-datasets; by label, or by category for "
-        "dolly) | dolly-fedit (Dolly's FedIT/FLoRA split: exactly 10 clients).",
+    partition: Literal["iid", "dirichlet", "pathological", "dolly-fedit"] = _help(
+        "Client partitioning: iid, dirichlet and pathological are flwr-datasets' partitioners (by label, or by "
+        "category for dolly); dolly-fedit is Dolly's FedIT/FLoRA split (exactly 10 clients).",
         default="dirichlet",
     )
     dirichlet_alpha: float = _help("Dirichlet concentration over labels (smaller = more skewed).", default=0.5)
@@ -165,7 +183,7 @@ class FederationSettings:
     fraction_train: float = _help("Fraction of clients sampled for training per round.", default=1.0)
     fraction_evaluate: float = _help("Fraction of clients sampled for federated evaluation (0 = off).", default=1.0)
     min_train_nodes: int = _help("Minimum clients per training round.", default=2)
-    transport_dtype: str = _help("Dtype of adapters on the wire: float32 | float16.", default="float32")
+    transport_dtype: Literal["float32", "float16"] = _help("Dtype of adapters on the wire.", default="float32")
     wait_for_nodes_s: float = _help(
         "Seconds the server waits for federation.clients nodes to connect before round 1 "
         "(then it stops with an error naming both numbers).",
@@ -179,6 +197,11 @@ class FederationSettings:
     resume: bool = _help(
         "Continue from the checkpoint in out-dir (written after every round) instead of starting "
         "afresh; every other key must equal the checkpoint's.",
+        default=False,
+    )
+    overwrite: bool = _help(
+        "Replace the run already in out-dir (its outputs are removed first). Without it or "
+        "federation.resume, an out-dir holding a run is refused: a finished run is never lost silently.",
         default=False,
     )
     client_cpus: float = _help("Simulation: CPUs reserved per client (Ray).", default=1.0)
@@ -222,7 +245,9 @@ class AllocationSettings:
         "creates), chosen by a zero-cost proxy the clients score on their own data. Needs strategy.name=masked.",
         default=False,
     )
-    proxy: str = _help("Zero-cost proxy: grad_norm | snip | synflow | constant | alpha_test.", default="grad_norm")
+    proxy: Literal["grad_norm", "snip", "synflow", "constant", "alpha_test"] = _help(
+        "Zero-cost proxy the clients score the candidate modules with (docs/heterolora.md).", default="grad_norm"
+    )
     budget: float = _help(
         "Fraction of candidate modules enabled at rank lora.r, in (0, 1] (25 % at r = 8 ~ uniform r = 2).",
         default=0.25,
@@ -257,7 +282,7 @@ class AllocationSettings:
 class CausalLMSettings:
     """Settings read only by the ``causal_lm`` task (copra_core/tasks/causal_lm.py)."""
 
-    template: str = _help(
+    template: Literal["chat", "plain"] = _help(
         "Prompt format: chat (the tokenizer's chat template; an error if it has none) | plain "
         "('### Instruction / ### Context / ### Response' text, for base models without a template).",
         default="chat",
@@ -280,7 +305,7 @@ class CausalLMSettings:
         "Rounds after which the global adapter generates, comma-separated; 'last' = federation.rounds.",
         default="1,last",
     )
-    autocast: str = _help(
+    autocast: Literal["auto", "bf16", "off"] = _help(
         "Mixed precision of forward passes: auto (bf16 on CUDA, off on CPU) | bf16 | off. Master "
         "weights, optimiser state, aggregation and transport stay fp32 (federation.transport-dtype).",
         default="auto",
@@ -322,7 +347,9 @@ class TrackingSettings:
 
 @dataclass
 class RunConfig:
-    task: str = _help("Task: sequence_classification | causal_lm.", default="sequence_classification")
+    task: Literal["sequence_classification", "causal_lm"] = _help(
+        "Task (copra_core/tasks/).", default="sequence_classification"
+    )
     seed: int = _help("Seed for partitioning, initialisation, masks and batches.", default=0)
     device: str = _help("auto | cpu | cuda | cuda:N (auto = CUDA when present).", default="auto")
     out_dir: str = _help("Where metrics, report, plots and the adapter are written.", default="runs/latest")
@@ -386,29 +413,27 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first offending key."""
+        flat = self.to_flat()
+        for key, (_, _, typ) in _field_index().items():
+            check_choice(key, flat[key], typ)  # values assigned in code never went through convert_value
         checks: list[tuple[bool, str, str]] = [
+            (
+                bool(DEVICE_PATTERN.fullmatch(self.device)),
+                "device",
+                f"must be auto | cpu | cuda | cuda:N, got '{self.device}'",
+            ),
+            (
+                not (self.federation.resume and self.federation.overwrite),
+                "federation.overwrite",
+                "and federation.resume exclude each other: resume continues the run in out-dir, overwrite replaces it",
+            ),
             (self.lora.r > 0, "lora.r", f"must be > 0, got {self.lora.r}"),
             (self.lora.alpha > 0, "lora.alpha", f"must be > 0, got {self.lora.alpha}"),
             (0 <= self.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
             (bool(split_csv(self.lora.target_modules)), "lora.target-modules", "is empty"),
-            (
-                self.init.method in ("default", "lora_ga"),
-                "init.method",
-                f"must be default | lora_ga, got '{self.init.method}'",
-            ),
-            (
-                self.init.source in ("server", "clients"),
-                "init.source",
-                f"must be server | clients, got '{self.init.source}'",
-            ),
             (self.init.calibration_batches > 0, "init.calibration-batches", "must be > 0"),
             (self.init.batch_size >= 0, "init.batch-size", "must be >= 0"),
             (self.init.gamma > 0, "init.gamma", "must be > 0"),
-            (
-                self.init.svd in ("auto", "exact", "lowrank"),
-                "init.svd",
-                f"must be auto | exact | lowrank, got '{self.init.svd}'",
-            ),
             (0 <= self.copra.p0 <= 1, "copra.p0", "must be in [0, 1]"),
             (0 < self.copra.full_at <= 1, "copra.full-at", "must be in (0, 1]"),
             (self.train.local_steps > 0, "train.local-steps", "must be > 0"),
@@ -418,29 +443,14 @@ class RunConfig:
             (self.screening.max_num_examples >= 0, "screening.max-num-examples", "must be >= 0 (0 = no cap)"),
             (self.train.lr > 0, "train.lr", "must be > 0"),
             (self.train.head_lr >= 0, "train.head-lr", "must be >= 0"),
-            (
-                self.train.lr_schedule in ("constant", "cosine", "linear"),
-                "train.lr-schedule",
-                f"must be constant | cosine | linear, got '{self.train.lr_schedule}'",
-            ),
             (self.model.max_length > 1, "model.max-length", "must be > 1"),
             (self.model.num_hidden_layers >= 0, "model.num-hidden-layers", "must be >= 0"),
-            (
-                self.data.partition in ("iid", "dirichlet", "pathological", "dolly-fedit"),
-                "data.partition",
-                f"must be iid | dirichlet | pathological | dolly-fedit, got '{self.data.partition}'",
-            ),
             (self.data.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0"),
             (0 < self.data.val_fraction < 1, "data.val-fraction", "must be in (0, 1)"),
             (self.federation.rounds > 0, "federation.rounds", "must be > 0"),
             (self.federation.clients > 0, "federation.clients", "must be > 0"),
             (0 < self.federation.fraction_train <= 1, "federation.fraction-train", "must be in (0, 1]"),
             (0 <= self.federation.fraction_evaluate <= 1, "federation.fraction-evaluate", "must be in [0, 1]"),
-            (
-                self.federation.transport_dtype in ("float32", "float16"),
-                "federation.transport-dtype",
-                "must be float32 | float16",
-            ),
             (self.diagnostics.sample_size > 0, "diagnostics.sample-size", "must be > 0"),
             (self.diagnostics.pairs >= 0, "diagnostics.pairs", "must be >= 0"),
             (0 < self.allocation.budget <= 1, "allocation.budget", f"must be in (0, 1], got {self.allocation.budget}"),
@@ -448,16 +458,6 @@ class RunConfig:
             (self.allocation.scoring_batches > 0, "allocation.scoring-batches", "must be > 0"),
             (self.allocation.every_rounds >= 0, "allocation.every-rounds", "must be >= 0 (0 = static)"),
             (self.allocation.probe_b_std > 0, "allocation.probe-b-std", "must be > 0"),
-            (
-                self.causal_lm.template in ("chat", "plain"),
-                "causal-lm.template",
-                f"must be chat | plain, got '{self.causal_lm.template}'",
-            ),
-            (
-                self.causal_lm.autocast in ("auto", "bf16", "off"),
-                "causal-lm.autocast",
-                f"must be auto | bf16 | off, got '{self.causal_lm.autocast}'",
-            ),
             (self.causal_lm.min_response_tokens > 0, "causal-lm.min-response-tokens", "must be > 0"),
             (self.causal_lm.generation_prompts >= 0, "causal-lm.generation-prompts", "must be >= 0"),
             (self.causal_lm.max_new_tokens > 0, "causal-lm.max-new-tokens", "must be > 0"),
@@ -494,7 +494,31 @@ class RunConfig:
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
+        """The run's ``config.json``: the flat keys of ``to_flat``, which ``from_flat`` reads back."""
+        return json.dumps(self.to_flat(), indent=2)
+
+
+def read_config_json(path: Path) -> dict[str, bool | int | float | str]:
+    """The flat config saved in a run's ``config.json`` (``RunConfig.from_flat`` builds the config).
+
+    Files written before config.json held flat keys nest the sections as objects with
+    snake_case names (``{"lora": {"target_modules": ...}}``); they are read as the same
+    flat keys, so finished runs of earlier versions (e.g. a ``--reuse-copra`` run of
+    benchmarks/causal_lm.py) stay usable.
+    """
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"Cannot read the run config {path}: {err}") from err
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} does not hold a config object")
+    flat: dict[str, Any] = {}
+    for key, value in saved.items():
+        if isinstance(value, dict):  # the nested form of earlier versions
+            flat.update({f"{_kebab(key)}.{_kebab(sub)}": sub_value for sub, sub_value in value.items()})
+        else:
+            flat[_kebab(key)] = value
+    return flat
 
 
 def split_csv(value: str) -> list[str]:
@@ -502,14 +526,31 @@ def split_csv(value: str) -> list[str]:
 
 
 def field_help() -> dict[str, tuple[Any, str]]:
-    """Flat key -> (default, help) for documentation and ``copra-fl config``."""
+    """Flat key -> (default, help) for documentation and ``copra-fl config``; a key with a fixed
+    set of values lists them after its help."""
     defaults = RunConfig().to_flat()
     out: dict[str, tuple[Any, str]] = {}
-    for key, (section, attr, _) in _field_index().items():
+    for key, (section, attr, typ) in _field_index().items():
         owner = getattr(RunConfig(), section) if section else RunConfig()
-        meta = {f.name: f.metadata for f in dataclasses.fields(owner)}[attr]
-        out[key] = (defaults[key], meta.get("help", ""))
+        text = {f.name: f.metadata for f in dataclasses.fields(owner)}[attr].get("help", "")
+        if allowed := choices(typ):
+            text += f" One of: {' | '.join(allowed)}."
+        out[key] = (defaults[key], text)
     return out
+
+
+def key_choices(key: str) -> tuple[str, ...]:
+    """The allowed values of flat config key ``key`` (empty if it has no fixed set)."""
+    return choices(_field_index()[key][2])
+
+
+def check_choice(key: str, value: Any, typ: Any) -> None:
+    """Raise ConfigError naming ``key`` and its allowed values if ``value`` is not one of them."""
+    allowed = choices(typ)
+    if allowed and value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Config key '{key}' must be one of {' | '.join(allowed)}, got '{value}'.{hint}")
 
 
 def toml_value(value: bool | int | float | str) -> str:
@@ -525,9 +566,9 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _field_index() -> dict[str, tuple[str, str, type]]:
+def _field_index() -> dict[str, tuple[str, str, Any]]:
     """Flat key -> (section attribute or '', field attribute, field type)."""
-    index: dict[str, tuple[str, str, type]] = {}
+    index: dict[str, tuple[str, str, Any]] = {}
     top_hints = get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
         typ = top_hints[f.name]
@@ -540,8 +581,13 @@ def _field_index() -> dict[str, tuple[str, str, type]]:
     return index
 
 
-def convert_value(key: str, raw: Any, typ: type) -> Any:
-    """Convert a raw value (CLI string or TOML scalar) to the field's type."""
+def convert_value(key: str, raw: Any, typ: Any) -> Any:
+    """Convert a raw value (CLI string or TOML scalar) to the field's type; a ``Literal`` type's
+    value must be one of its values."""
+    if choices(typ):
+        value = convert_value(key, raw, str)
+        check_choice(key, value, typ)
+        return value
     try:
         if typ is bool:
             if isinstance(raw, bool):

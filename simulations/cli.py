@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
-from copra_core.config import ConfigError, field_help, toml_value
-from simulations.runner import FLOWER_ENV
+from copra_core.config import ConfigError, field_help, key_choices, toml_value
+from simulations.runner import FLOWER_ENV, preflight
 from simulations.scenarios import scenario_config
 
 app = typer.Typer(
@@ -22,17 +23,42 @@ app = typer.Typer(
 )
 
 
+#: ``--method``: the value of copra.enabled each name stands for.
+METHODS = {"copra": True, "lora": False}
+
+
+def _choice(key: str) -> click.Choice:
+    """The CLI choices of an option that sets config key ``key``: its ``Literal`` values."""
+    return click.Choice(key_choices(key))
+
+
 @app.command()
 def simulate(
-    out: Annotated[Path, typer.Option(help="Output folder (metrics.jsonl, report.md, plots, adapter/).")] = Path(
-        "runs/demo"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Output folder (metrics.jsonl, report.md, plots, adapter/). A folder that already holds a run "
+            "is refused unless --overwrite (or --resume)."
+        ),
+    ] = Path("runs/demo"),
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace the run already in the output folder (its outputs are removed first; federation.overwrite)."
+        ),
+    ] = False,
     rounds: Annotated[int | None, typer.Option(help="Server rounds (federation.rounds).")] = None,
     clients: Annotated[int | None, typer.Option(help="Simulated clients (federation.clients).")] = None,
-    partition: Annotated[str | None, typer.Option(help="iid | dirichlet | pathological (data.partition).")] = None,
-    method: Annotated[str | None, typer.Option(help="copra | lora (copra.enabled).")] = None,
+    partition: Annotated[
+        str | None, typer.Option(click_type=_choice("data.partition"), help="Client partitioning (data.partition).")
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(click_type=click.Choice(list(METHODS)), help="CopRA or plain LoRA (copra.enabled)."),
+    ] = None,
     init: Annotated[
-        str | None, typer.Option(help="Adapter initialisation: default | lora_ga (init.method; see init.source).")
+        str | None,
+        typer.Option(click_type=_choice("init.method"), help="Adapter initialisation (init.method; see init.source)."),
     ] = None,
     strategy: Annotated[
         str | None,
@@ -56,8 +82,9 @@ def simulate(
     task: Annotated[
         str | None,
         typer.Option(
-            help="sequence_classification (default: the SST-2 demo) | causal_lm (instruction tuning of "
-            "SmolLM2-135M-Instruct on Dolly-15k, docs/causal_lm.md); picks the task's scenario."
+            click_type=_choice("task"),
+            help="sequence_classification (default: the SST-2 demo) or causal_lm (instruction tuning of "
+            "SmolLM2-135M-Instruct on Dolly-15k, docs/causal_lm.md); picks the task's scenario.",
         ),
     ] = None,
     quick: Annotated[bool, typer.Option(help="Smoke run of about a minute (2-layer model, small samples).")] = False,
@@ -71,16 +98,17 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
     display: Annotated[bool, typer.Option(help="Live progress bar and per-round table.")] = True,
 ) -> None:
-    """Run a simulated federation; with no options, the demo (4 non-IID clients, CopRA, linear)."""
+    """Run a simulated federation; with no options, the demo (4 non-IID clients, CopRA, linear).
+
+    Exit status: 0 done, 2 a configuration error (message on stderr, nothing run), 1 a failed run.
+    """
     try:
-        if task not in (None, "sequence_classification", "causal_lm"):
-            raise ConfigError(f"--task must be sequence_classification or causal_lm, got '{task}'")
         if task == "causal_lm":
             config = scenario_config("causal_lm-quick" if quick else "causal_lm")
         else:
             config = scenario_config("quick" if quick else "demo")
         config.out_dir = str(resume if resume is not None else out)
-        overrides: dict[str, object] = {"federation.resume": resume is not None}
+        overrides: dict[str, object] = {"federation.resume": resume is not None, "federation.overwrite": overwrite}
         if rounds is not None:
             overrides["federation.rounds"] = rounds
         if clients is not None:
@@ -96,19 +124,16 @@ def simulate(
         if track is not None:
             overrides["tracking.backends"] = track
         if method is not None:
-            if method not in ("copra", "lora"):
-                raise ConfigError(f"--method must be copra or lora, got '{method}'")
-            overrides["copra.enabled"] = method == "copra"
+            overrides["copra.enabled"] = METHODS[method]
         config.update(overrides)
         config.apply_overrides(set_ or [])
         if config.tracking.backends:  # a missing library is an error now, not after Ray has started
             from copra_core.tracking import check_backends
 
             check_backends(config)
-        config.validate()
-    except (ConfigError, ValueError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from err
+        preflight(config)  # everything that would fail in round 1, before Ray starts and the display shows
+    except ConfigError as err:
+        _config_error(err)
 
     from simulations.runner import simulate as run
 
@@ -133,6 +158,8 @@ def simulate(
     except Exception as err:  # report the cause in one line; --verbose shows the traceback
         if display_obj:
             display_obj.stop()
+        if isinstance(err, ConfigError):
+            _config_error(err)
         if verbose:
             raise
         typer.secho(f"error: {type(err).__name__}: {err}", fg=typer.colors.RED, err=True)
@@ -141,6 +168,12 @@ def simulate(
         display_obj.stop()
     elapsed = time.perf_counter() - started
     typer.echo(f"Done in {elapsed:.0f}s. Report: {out_dir / 'report.md'}  Adapter: {out_dir / 'adapter'}")
+
+
+def _config_error(err: ConfigError) -> None:
+    """A configuration error: its message on stderr (no traceback) and exit status 2."""
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2) from err
 
 
 @app.command("config")

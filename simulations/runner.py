@@ -26,14 +26,20 @@ FLOWER_ENV = {
 
 
 def preflight(config: RunConfig) -> None:
-    """Fail fast, before Ray starts, on anything that would fail in round 1."""
+    """Fail fast, before Ray starts, on anything that would fail in round 1.
+
+    Configuration errors are ``ConfigError`` (``copra-fl`` exits with 2). The last step
+    prepares the output folder (``prepare_out_dir``): an out-dir holding a run is refused
+    unless ``federation.resume`` or ``federation.overwrite``, and an overwritten run is
+    removed only once everything else has passed.
+    """
+    config.validate()  # before the imports below (torch, Flower): a mistyped value fails at once
     import strategies
     from copra_core import data
-    from copra_core.checkpoint import FILE_NAME, check_resumable, load_checkpoint
+    from copra_core.checkpoint import FILE_NAME, check_resumable, load_checkpoint, prepare_out_dir
     from copra_core.model_loading import resolve_model_path
     from server.app import check_allocation
 
-    config.validate()
     rule = strategies.build(config.strategy.name, config.strategy.options)
     check_allocation(config, rule)
     if config.federation.resume:
@@ -44,14 +50,15 @@ def preflight(config: RunConfig) -> None:
         from copra_core.tasks import build_task
 
         build_task(config).check_inputs(config.federation.clients)  # data, partitioning, model files
-        return
-    spec = data.dataset_spec(config.data.dataset)
-    data_dir = data.resolve_data_dir(config.data)
-    for split in ("train", "eval"):
-        data.read_split(data_dir, spec, split)
-    path = resolve_model_path(config.model.name)
-    if os.path.sep in path and not Path(path).exists():
-        raise FileNotFoundError(f"Config key 'model.name': local path '{path}' does not exist")
+    else:
+        spec = data.dataset_spec(config.data.dataset)
+        data_dir = data.resolve_data_dir(config.data)
+        for split in ("train", "eval"):
+            data.read_split(data_dir, spec, split)
+        path = resolve_model_path(config.model.name)
+        if os.path.sep in path and not Path(path).exists():
+            raise ConfigError(f"Config key 'model.name': local path '{path}' does not exist")
+    prepare_out_dir(Path(config.out_dir), resume=config.federation.resume, overwrite=config.federation.overwrite)
 
 
 def simulate(

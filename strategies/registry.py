@@ -70,15 +70,19 @@ def available() -> list[str]:
 
 
 def resolve(spec: str) -> type[AggregationRule]:
-    """A built-in or plug-in name, or a dotted path ``package.module:Class`` -> class."""
+    """A built-in or plug-in name, or a dotted path ``package.module:Class`` -> class.
+
+    A name that resolves to nothing is a ConfigError; a class that breaks the rule contract
+    (or a plug-in that fails to load) is a StrategyContractError.
+    """
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
-            raise StrategyContractError(f"Config key '{KEY}': cannot import module '{module_name}' ({err})") from err
+            raise ConfigError(f"Config key '{KEY}': cannot import module '{module_name}' ({err})") from err
         if not hasattr(module, attr):
-            raise StrategyContractError(f"Config key '{KEY}': module '{module_name}' has no '{attr}'")
+            raise ConfigError(f"Config key '{KEY}': module '{module_name}' has no '{attr}'")
         cls = getattr(module, attr)
     elif spec in BUILTIN:
         cls = BUILTIN[spec]
@@ -93,7 +97,7 @@ def resolve(spec: str) -> type[AggregationRule]:
     else:
         close = difflib.get_close_matches(spec, available(), n=3)
         hint = f" Did you mean {close}?" if close else ""
-        raise StrategyContractError(
+        raise ConfigError(
             f"Config key '{KEY}': unknown strategy '{spec}'. Known: {available()}; "
             f"or give 'package.module:Class'.{hint}"
         )

@@ -131,4 +131,4 @@ def test_flwr_run_local_simulation(federation, tmp_path):
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [0, 1, 2]
     config = json.loads((out_dir / "config.json").read_text())
-    assert config["model"]["num_hidden_layers"] == 2  # --run-config reached the ServerApp
+    assert config["model.num-hidden-layers"] == 2  # --run-config reached the ServerApp

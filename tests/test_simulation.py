@@ -64,8 +64,17 @@ def test_quick_run_writes_every_output(quick_run):
         assert (quick_run / name).is_file(), name
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(quick_run / "adapter"))
     rows = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
-    config = json.loads((quick_run / "config.json").read_text())
-    assert [r["round"] for r in rows] == list(range(config["federation"]["rounds"] + 1))
+    # config.json: the flat config the run used, which RunConfig.from_flat reads back.
+    from copra_core.checkpoint import RUN_OUTPUTS
+    from copra_core.config import RunConfig, read_config_json
+    from simulations.scenarios import scenario_config
+
+    expected = scenario_config("quick")
+    expected.out_dir = str(quick_run)
+    assert RunConfig.from_flat(read_config_json(quick_run / "config.json")) == expected
+    assert [r["round"] for r in rows] == list(range(expected.federation.rounds + 1))
+    # Everything the run wrote is a run output, so --overwrite leaves none of it behind.
+    assert set(os.listdir(quick_run)) <= set(RUN_OUTPUTS)
     for row in rows[1:]:
         assert row.keys() >= REQUIRED_KEYS
         assert all(isinstance(row[k], (int, float)) for k in REQUIRED_KEYS), row
@@ -106,18 +115,11 @@ def exported_accuracy(run_dir: Path) -> float:
 def load_exported(run_dir: Path):
     """(config, task, PeftModel) of a finished run, loaded from its config.json and adapter/."""
     from copra_core.base_offset import apply_saved_offsets
-    from copra_core.config import RunConfig
+    from copra_core.config import RunConfig, read_config_json
     from copra_core.shortcuts import add_shortcuts
     from copra_core.tasks import build_task
 
-    config = RunConfig()
-    nested = json.loads((run_dir / "config.json").read_text())
-    for section, values in nested.items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                setattr(getattr(config, section), key, value)
-        else:
-            setattr(config, section, values)
+    config = RunConfig.from_flat(read_config_json(run_dir / "config.json"))
     task = build_task(config)
     base, _ = task.load_model()
     if config.lora.shortcuts:  # the modules the adapter's shortcuts live in (copra_core/shortcuts.py)
@@ -254,19 +256,3 @@ def test_without_screening_a_bad_update_stops_the_run_with_a_named_error(faulty_
     assert "produced non-finite values in round 1" in output, output[-3000:]
     assert (out / "unscreened" / "metrics.jsonl").exists()  # the run started
     assert not (out / "unscreened" / "adapter").exists()  # nothing exported from a failed run
-
-
-def test_bad_config_fails_before_flower_starts(tmp_path):
-    proc = _run(
-        [sys.executable, "-m", "simulations.cli", "simulate", "--quick", "--out", str(tmp_path), "--set", "lora.r=0"],
-        tmp_path,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert "lora.r" in proc.stderr
-    proc = _run(
-        [sys.executable, "-m", "simulations.cli", "simulate", "--quick", "--out", str(tmp_path), "--strategy", "nope"],
-        tmp_path,
-        timeout=120,
-    )
-    assert proc.returncode == 1 and "unknown strategy 'nope'" in proc.stderr

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import strategies
+from copra_core.config import ConfigError
 from strategies.base import AggregationRule, ClientUpdate, StrategyContractError
 from strategies.linear import LinearAveraging
 
@@ -75,17 +76,19 @@ class Explodes(AggregationRule):
 
 
 @pytest.mark.parametrize(
-    ("spec", "message"),
+    ("spec", "error", "message"),
     [
-        ("lineer", r"unknown strategy 'lineer'.*Did you mean \['linear'\]"),
-        ("no_such_module:Rule", "cannot import module 'no_such_module'"),
-        ("tests.test_strategies:Missing", "has no 'Missing'"),
-        ("tests.test_strategies:NotARule", "must subclass strategies.base.AggregationRule"),
-        ("tests.test_strategies:Incomplete", r"does not implement \['aggregate'\]"),
+        # A name that resolves to nothing is a config error (copra-fl exits with 2) ...
+        ("lineer", ConfigError, r"unknown strategy 'lineer'.*Did you mean \['linear'\]"),
+        ("no_such_module:Rule", ConfigError, "cannot import module 'no_such_module'"),
+        ("tests.test_strategies:Missing", ConfigError, "has no 'Missing'"),
+        # ... a class that breaks the rule contract is the rule's fault.
+        ("tests.test_strategies:NotARule", StrategyContractError, "must subclass strategies.base.AggregationRule"),
+        ("tests.test_strategies:Incomplete", StrategyContractError, r"does not implement \['aggregate'\]"),
     ],
 )
-def test_registry_errors(spec, message):
-    with pytest.raises(StrategyContractError, match=message):
+def test_registry_errors(spec, error, message):
+    with pytest.raises(error, match=message):
         strategies.build(spec)
 
 
