@@ -8,6 +8,7 @@ In-process tests share one 2-block SmolLM2 (dequantised from the packaged GGUF).
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import math
 import re
@@ -43,11 +44,17 @@ def task():
 
 
 @pytest.fixture(scope="module")
-def peft_model(task):
+def pretrained(task):
+    """The 2-block base model, dequantised once (about 20 s); tests wrap deep copies of it."""
+    return task.load_model()
+
+
+@pytest.fixture(scope="module")
+def peft_model(task, pretrained):
     from copra_core.lora import build_peft_model
 
-    base, new_modules = task.load_model()
-    return build_peft_model(base, task.config.lora, new_modules, seed=0).eval()
+    base, new_modules = pretrained
+    return build_peft_model(copy.deepcopy(base), task.config.lora, new_modules, seed=0).eval()
 
 
 # ---------------------------------------------------------------------- data
@@ -380,15 +387,12 @@ def test_quick_causal_run_writes_metrics_generations_and_report(quick_run):
 
 
 @pytest.mark.e2e
-def test_exported_adapter_reloads_and_generates_the_runs_text(quick_run):
+def test_exported_adapter_reloads_and_generates_the_runs_text(quick_run, task, pretrained):
     """PeftModel.from_pretrained on the dequantised base: the run's last-round texts and loss."""
-    from copra_core.tasks import build_task
     from copra_core.training import evaluate
 
-    config = causal_config()
-    task = build_task(config)
-    base, _ = task.load_model()
-    model = PeftModel.from_pretrained(base, str(quick_run / "adapter")).eval()
+    config = task.config  # the run's: the causal_lm-quick scenario
+    model = PeftModel.from_pretrained(copy.deepcopy(pretrained[0]), str(quick_run / "adapter")).eval()
     saved = json.loads((quick_run / "generations.json").read_text())
     assert task.generate(model, task.generation_set()) == saved["rounds"]["2"]["answers"]
     rows = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
