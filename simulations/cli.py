@@ -44,7 +44,8 @@ def simulate(
     overwrite: Annotated[
         bool,
         typer.Option(
-            help="Replace the run already in the output folder (its outputs are removed first; federation.overwrite)."
+            "--overwrite",
+            help="Replace the run already in the output folder (its outputs are removed first; federation.overwrite).",
         ),
     ] = False,
     rounds: Annotated[int | None, typer.Option(help="Server rounds (federation.rounds).")] = None,
