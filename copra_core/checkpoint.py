@@ -57,7 +57,16 @@ RUN_OUTPUTS = (
     "base_offset.safetensors",
     "generations.json",
     "generations.md",
+    # Experiment tracking (copra_core/tracking/): an overwritten run's event files would
+    # otherwise mix with the new run's in the same TensorBoard folder.
+    "tensorboard",
+    "mlflow",
+    "wandb",
 )
+#: Config sections that only observe a run (experiment tracking reads the rows, computes
+#: nothing): never part of a comparison, so a run may be resumed, or a benchmark cache
+#: reused, with other trackers than the ones it was started with.
+OBSERVER_SECTIONS = ("tracking.",)
 #: Tensor groups, stored under "<group>/<key>".
 GROUPS = ("global", "init_offsets", "initial", "rule_offsets", "rule")
 
@@ -168,7 +177,7 @@ def config_differences(
     checkpoints and benchmark caches of earlier versions stay comparable.
     """
     defaults = RunConfig().to_flat()
-    keys = (set(saved) | set(current)) - ignore
+    keys = {key for key in (set(saved) | set(current)) - ignore if not key.startswith(OBSERVER_SECTIONS)}
     return sorted(k for k in keys if saved.get(k, defaults.get(k, "<absent>")) != current.get(k, "<absent>"))
 
 

@@ -187,6 +187,23 @@ def test_cli_track_option_checks_backends_before_starting(tmp_path, monkeypatch)
     assert not (tmp_path / "run").exists()
 
 
+def test_tracking_keys_refuse_neither_a_resume_nor_a_committed_benchmark_cache():
+    from benchmarks.common import read_cache
+    from copra_core.checkpoint import config_differences
+
+    cache = ROOT / "docs" / "results" / "heterolora_raw" / "mrpc-full_r8-seed0.json"
+    saved = json.loads(cache.read_text())["config"]  # written before the tracking keys existed
+    assert not any(key.startswith("tracking.") for key in saved)
+    tracked = RunConfig.from_flat(saved)
+    tracked.update({"tracking.backends": "tensorboard,mlflow", "tracking.mlflow-uri": "http://127.0.0.1:5000"})
+    assert read_cache(cache, tracked)["config"] == saved
+    assert config_differences(saved, tracked.to_flat()) == []  # the resume check's comparison
+    tracked.update({"seed": saved["seed"] + 1})  # a key that changes results still counts
+    assert config_differences(saved, tracked.to_flat()) == ["seed"]
+    with pytest.raises(ValueError, match="holds a run of another config"):
+        read_cache(cache, tracked)
+
+
 # ---------------------------------------------------------------------- through Flower
 SCRIPT = textwrap.dedent(
     """
