@@ -295,6 +295,7 @@ def _expected_series(rows: list[dict]) -> dict[str, dict[int, float]]:
     return series
 
 
+@pytest.mark.e2e
 def test_failing_tracker_warns_once_and_leaves_metrics_identical(runs):
     tmp, result = runs
     assert result["raising_calls"] == ["log_scalars", "close"]
@@ -308,6 +309,7 @@ def test_failing_tracker_warns_once_and_leaves_metrics_identical(runs):
     assert untimed(tracked) == untimed(plain)
 
 
+@pytest.mark.e2e
 def test_tensorboard_event_files_hold_the_metrics(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -327,6 +329,7 @@ def test_tensorboard_event_files_hold_the_metrics(runs):
     assert {"config", "tags", "report"} <= texts
 
 
+@pytest.mark.e2e
 def test_mlflow_run_holds_metrics_params_tags_and_artifacts(runs, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -389,6 +392,7 @@ def _wandb_records(path: Path) -> list:
     return records
 
 
+@pytest.mark.e2e
 def test_wandb_offline_run_holds_history_config_and_tags(runs):
     tmp, _ = runs
     out = tmp / "tracked"
