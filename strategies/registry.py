@@ -27,8 +27,11 @@ from copra_core.config import ConfigError, convert_value, split_csv
 from strategies.base import AggregationRule, ClientUpdate, StrategyContractError
 from strategies.dare import DareMerge
 from strategies.fedopt import FedAdamRule, FedYogiRule
+from strategies.fedrot import RotationAlignedAveraging
 from strategies.ffa import FrozenAAveraging
+from strategies.flora import StackedMerge
 from strategies.linear import LinearAveraging
+from strategies.lora_fair import ResidualCorrectedAveraging
 from strategies.masked import MaskedAveraging
 from strategies.median import CoordinateMedian
 from strategies.norm_clip import NormClipAveraging
@@ -52,6 +55,9 @@ BUILTIN: dict[str, type[AggregationRule]] = {
         FedAdamRule,
         FedYogiRule,
         MaskedAveraging,
+        RotationAlignedAveraging,
+        ResidualCorrectedAveraging,
+        StackedMerge,
     )
 }
 
