@@ -49,14 +49,13 @@ class ResidualCorrectedAveraging(LinearAveraging):
 
     **This is the ridge form, not the paper's exact objective.** The paper states the
     correction as the minimiser of a similarity term between ``P`` and
-    ``(B_bar + Delta B) A_bar`` plus a norm penalty on ``Delta B``, solved iteratively on the
-    server. Here the similarity term is the squared Frobenius distance and the penalty the
-    squared Frobenius norm,
+    ``(B_bar + Delta B) A_bar`` plus a penalty on ``Delta B``. Here the similarity term is
+    the squared Frobenius distance and the penalty the squared Frobenius norm,
 
         Delta B = argmin ||P - (B_bar + Delta B) A_bar||_F^2 + lambda ||Delta B||_F^2
                 = (P - B_bar A_bar) A_bar^T (A_bar A_bar^T + lambda I)^{-1},
 
-    whose closed form (``ridge_correction``) needs no learning rate or iteration count.
+    whose closed form (``ridge_correction``) needs no solver settings.
     ``Delta B = 0`` is feasible, so the corrected product is never further from ``P`` than
     factor averaging's (``aggregation/aggregate_error <= aggregation/exactness_error`` per
     module); ``ridge = 0`` gives ``P`` projected onto the row space of ``A_bar``, the best any
