@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from peft import PeftModel
 
-from tests.processes import RunTag, leftovers
+from tests.helpers import exported_accuracy, load_exported
+from tests.helpers import run_tagged as _run
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {
@@ -34,17 +34,7 @@ REQUIRED_KEYS = {
     "time/round_s",
 }
 
-pytestmark = pytest.mark.slow
-
-
-def _run(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    # The repository root on the path: scripts run from tmp_path import the project.
-    tag = RunTag()
-    env = tag.env(dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
-    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    leaked = leftovers(tag.live)
-    assert not leaked, f"processes left running: {leaked}"
-    return proc
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -94,40 +84,6 @@ def test_exported_adapter_reproduces_the_run(quick_run):
     flat_rows = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
     assert not (quick_run / "base_offset.safetensors").exists()  # linear keeps the base as it is
     assert exported_accuracy(quick_run) == pytest.approx(flat_rows[-1]["global/accuracy"], abs=1e-12)
-
-
-def exported_accuracy(run_dir: Path) -> float:
-    """Accuracy of the run's exported adapter, loaded the way a user would, on the run's eval set.
-
-    With ``base_offset.safetensors`` present (strategies that move the base) it is applied
-    as docs/strategies.md says.
-    """
-    config, task, model = load_exported(run_dir)
-    examples = task.server_examples(config.data.eval_size)
-    correct = 0
-    with torch.no_grad():
-        for batch in task.eval_batches(examples, 64):
-            labels = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / len(examples)
-
-
-def load_exported(run_dir: Path):
-    """(config, task, PeftModel) of a finished run, loaded from its config.json and adapter/."""
-    from copra_core.base_offset import apply_saved_offsets
-    from copra_core.config import RunConfig, read_config_json
-    from copra_core.shortcuts import add_shortcuts
-    from copra_core.tasks import build_task
-
-    config = RunConfig.from_flat(read_config_json(run_dir / "config.json"))
-    task = build_task(config)
-    base, _ = task.load_model()
-    if config.lora.shortcuts:  # the modules the adapter's shortcuts live in (copra_core/shortcuts.py)
-        add_shortcuts(base)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
-    if (run_dir / "base_offset.safetensors").exists():
-        apply_saved_offsets(model, run_dir / "base_offset.safetensors")
-    return config, task, model
 
 
 def test_federated_metrics_are_those_of_the_pooled_client_examples(quick_run):
