@@ -186,6 +186,8 @@ NOT_THE_FACTOR_AVERAGE = {
     "product_svd",
     "residual",
     "geometric_median",
+    "lora_fair",
+    "flora",
 }
 
 
@@ -218,6 +220,17 @@ def check_run(run: Path, spec: str) -> None:
         assert [r.get("clients/distinct_bases") for r in rows[1:]] == [None, 1]  # round 1: no offset yet
         assert rows[2]["comm/bytes_down"] > 3 * rows[1]["comm/bytes_down"]  # the offset travels
         assert exported_accuracy(run) == pytest.approx(rows[-1]["global/accuracy"], abs=1e-12)
+    if spec == "flora":
+        # The clients' exact average merged into the base, a fresh adapter (B = 0) each round.
+        assert all(r["aggregation/aggregate_error"] < 1e-5 < r["aggregation/exactness_error"] for r in rows[1:])
+        assert [r.get("clients/distinct_bases") for r in rows[1:]] == [None, 1]  # round 1: no offset yet
+        assert rows[2]["comm/bytes_down"] > 3 * rows[1]["comm/bytes_down"]  # the offset travels
+        assert exported_accuracy(run) == pytest.approx(rows[-1]["global/accuracy"], abs=1e-12)
+    if spec == "lora_fair":
+        assert all(r["strategy/correction_norm"] > 0 for r in rows[1:])
+        assert all(r["aggregation/aggregate_error"] < r["aggregation/exactness_error"] for r in rows[1:])
+    if spec == "fedrot":
+        assert all(r["strategy/rotation_distance"] > 0 for r in rows[1:])  # the clients were rotated
     if spec == "product_svd":
         assert all(0 <= r["strategy/truncation_error"] < 1 for r in rows[1:])
         assert all(r["aggregation/aggregate_error"] < r["aggregation/exactness_error"] for r in rows[1:])
