@@ -11,7 +11,7 @@ from copra_core.adapters import LORA_A, LORA_B, lora_modules
 from strategies.base import AdapterState, ClientUpdate, StrategyContractError
 from strategies.linear import LinearAveraging
 
-#: Which factor is aligned to the reference (``alternate``: A in odd rounds, B in even ones).
+#: Which factor is aligned to the reference (``alternate``: B in rounds 3, 5, ..., A in the others).
 ALIGN_MODES = ("alternate", "A", "B")
 
 
@@ -58,7 +58,8 @@ class RotationAlignedAveraging(LinearAveraging):
     Parameters
     ----------
     align : str
-        ``alternate`` (the authors' schedule: A in odd rounds, B in even ones), ``A`` or ``B``.
+        ``alternate`` (the authors' schedule: A in round 2, 4, ..., B in rounds 3, 5, ...; A in
+        round 1), ``A`` or ``B``.
     """
 
     name = "fedrot"
@@ -76,7 +77,7 @@ class RotationAlignedAveraging(LinearAveraging):
         """``A`` or ``B``: the factor aligned in round ``round_number`` (1-based)."""
         if self.align != "alternate":
             return self.align
-        return "A" if round_number % 2 == 1 else "B"
+        return "B" if round_number % 2 == 1 and round_number > 1 else "A"
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Mapping[str, torch.Tensor]) -> AdapterState:
         updates = list(updates)

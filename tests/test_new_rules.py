@@ -134,7 +134,7 @@ def test_fedrot_error_is_not_larger_than_linear_on_shared_structure(seed):
     out = rule.aggregate(updates, current)
     assert _error(updates, _np(out[B_KEY]), _np(out[A_KEY])) < 0.1 < _linear_error(updates)
     again, _ = _rotated_clients(seed=seed + 10, noise=0.05)
-    out_b = rule.aggregate(again, out)  # round 2: B aligned to the round-1 aggregate
+    out_b = strategies.build("fedrot", "align=B").aggregate(again, out)  # B aligned to the round-1 aggregate
     assert _error(again, _np(out_b[B_KEY]), _np(out_b[A_KEY])) <= _linear_error(again)
 
 
@@ -144,15 +144,20 @@ def test_fedrot_leaves_a_zero_reference_alone_and_resumes_its_schedule(tmp_path)
     out = strategies.build("fedrot", "align=B").aggregate(updates, current)
     for key in (A_KEY, B_KEY):
         np.testing.assert_allclose(_np(out[key]), _average(updates, key), rtol=1e-5, atol=1e-6)
-    # The alternating schedule survives a checkpoint: round 2 aligns B in both runs.
+    # The authors' alternation (A in round 1 here, where they skip), and it survives a checkpoint:
+    # round 3 aligns B in the uninterrupted and in the resumed rule, unlike a rule that starts afresh.
     rule = strategies.build("fedrot")
-    first = rule.aggregate(updates, current)
+    assert [rule.aligned_factor(t) for t in range(1, 6)] == ["A", "A", "B", "A", "B"]
+    second, _ = _random_clients(seed=4)
+    after_two = rule.aggregate(second, rule.aggregate(updates, current))
     save_file(rule.state_dict(), tmp_path / "rule.safetensors")
     resumed = strategies.build("fedrot")
     resumed.load_state_dict(load_file(tmp_path / "rule.safetensors"))
-    second, _ = _random_clients(seed=4)
-    uninterrupted, continued = rule.aggregate(second, first), resumed.aggregate(second, first)
-    assert rule.aligned_factor(2) == "B" and all(torch.equal(uninterrupted[k], continued[k]) for k in first)
+    third, _ = _random_clients(seed=5)
+    uninterrupted, continued = rule.aggregate(third, after_two), resumed.aggregate(third, after_two)
+    assert all(torch.equal(uninterrupted[k], continued[k]) for k in after_two)
+    afresh = strategies.build("fedrot").aggregate(third, after_two)  # its round 1: A aligned
+    assert not torch.allclose(afresh[B_KEY], continued[B_KEY], atol=1e-3)
     with pytest.raises(StrategyContractError, match="fedrot"):
         resumed.load_state_dict({"m.base_offset": torch.zeros(2, 2)})
     with pytest.raises(ConfigError, match="align"):
