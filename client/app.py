@@ -10,10 +10,10 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
-from copra_core import protocol
-from copra_core.adapters import AdapterState
+from copra_core import local_diagnostics, protocol
+from copra_core.adapters import AdapterState, from_array_record
 from copra_core.allocation.downlink import as_sent, fill_modules
-from copra_core.allocation.masking import ClientPlan, client_plan
+from copra_core.allocation.masking import ClientPlan, client_plan, effective_state
 from copra_core.config import RunConfig, split_csv
 from copra_core.learner import ClientLearner
 
@@ -72,19 +72,46 @@ def train(msg: Message, context: Context) -> Message:
     if offsets:
         metrics[protocol.BASE_CRC32] = learner.base_checksum()  # the server checks every client's base is the same
     arrays = protocol.adapter_record(new_state, config.federation.transport_dtype)
+    if _local_diagnostics(config):
+        # Kept for this round's evaluate message (client-side diagnostics): the adapter as the
+        # server decodes it, whole (a partial reply completed with the global adapter it started from).
+        sent_state = from_array_record(arrays)
+        kept = effective_state(sent_state, state) if plan is not None else sent_state
+        trained = local_diagnostics.TrainedAdapter(server_round, kept, offsets, float(learner.num_train_examples))
+        local_diagnostics.keep(context.state, trained)
     return protocol.reply(msg, {**metrics, **_identity(learner)}, {protocol.ARRAYS: arrays})
+
+
+def _local_diagnostics(config: RunConfig) -> bool:
+    """Whether this run measures the diagnostics on the clients (``diagnostics.where``)."""
+    return config.diagnostics.enabled and config.diagnostics_where() in ("clients", "both")
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    learner, config, _ = _learner(msg, context)
-    sums = learner.evaluation_sums(_global_adapter(msg, learner, config), protocol.read_offsets(msg))
+    learner, config, sent = _learner(msg, context)
+    aggregate, offsets = _global_adapter(msg, learner, config), protocol.read_offsets(msg)
+    sums = learner.evaluation_sums(aggregate, offsets)
     # The sums travel too: the server pools them into exact metrics of all clients' examples.
     metrics = {
         **learner.bundle.task.summarise(sums),
         **{protocol.SUM_PREFIX + key: value for key, value in sums.items()},
         protocol.NUM_EXAMPLES: len(learner.val_examples),
     }
+    if _local_diagnostics(config):
+        # The adapter this node trained this round (none if it was not sampled for training)
+        # against the aggregate, on its own validation rows: only the losses travel.
+        trained = local_diagnostics.take(context.state, int(sent[protocol.SERVER_ROUND]))
+        if trained is not None:
+            metrics |= local_diagnostics.measure_client(
+                learner.evaluate,
+                trained,
+                aggregate,
+                offsets,
+                config.interpolation_grid(),
+                learner.bundle.task.metric,
+            )
+            metrics[local_diagnostics.PARTITION] = learner.partition_id
     return protocol.reply(msg, metrics)
 
 

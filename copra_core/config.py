@@ -234,6 +234,12 @@ class DiagnosticsSettings:
     pairs: int = _help("Client pairs whose interpolation curve is measured per round.", default=1)
     grid: str = _help("Interpolation grid alpha values, comma-separated.", default="0,0.25,0.5,0.75,1")
     batch_size: int = _help("Batch size of server and client evaluations (small = less padding).", default=32)
+    where: Literal["auto", "server", "clients", "both"] = _help(
+        "Where the barrier diagnostics are measured: server (on its diagnostic sample, from the clients' adapters) "
+        "| clients (each sampled client compares its own adapter with the aggregate on its own validation rows; "
+        "only losses travel) | both | auto (server when the server has evaluation data, else clients).",
+        default="auto",
+    )
 
 
 @dataclass
@@ -475,11 +481,26 @@ class RunConfig:
                     f"Config key '{key}' needs one value per client (federation.clients={self.federation.clients}), "
                     f"got {len(values)}."
                 )
+        if self.diagnostics.where in ("server", "both") and not getattr(self.data, "server_has_data", True):
+            raise ConfigError(
+                f"Config key 'diagnostics.where' is '{self.diagnostics.where}' but the server holds no evaluation "
+                "data (data.server-eval); use diagnostics.where=clients (or auto)."
+            )
         grid = self.interpolation_grid()
         if any(not 0.0 <= a <= 1.0 for a in grid) or len(grid) < 2:
             raise ConfigError("Config key 'diagnostics.grid' needs >= 2 values in [0, 1].")
 
     # ------------------------------------------------------------------ helpers
+    def diagnostics_where(self) -> Literal["server", "clients", "both"]:
+        """``diagnostics.where`` resolved: ``auto`` is ``server`` when the server has evaluation data.
+
+        Server and clients both call it on the config they hold, so it reads the config only.
+        """
+        where = self.diagnostics.where
+        if where != "auto":
+            return where
+        return "server" if getattr(self.data, "server_has_data", True) else "clients"
+
     def interpolation_grid(self) -> list[float]:
         try:
             return sorted({float(x) for x in split_csv(self.diagnostics.grid)})

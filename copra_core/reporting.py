@@ -171,6 +171,42 @@ def plot_curves(rows: Sequence[dict], path: Path) -> bool:
     return True
 
 
+def plot_local(rows: Sequence[dict], path: Path) -> bool:
+    """Client-side diagnostics (``diagnostics.where`` = clients or both): the local Jensen gap and the
+    client-to-global barrier per round, and each client's curve from its own adapter to the aggregate
+    in the last round that has them. False (no file) when no row has them."""
+    last = next((r for r in reversed(rows) if r.get("local_clients")), None)
+    if last is None:
+        return False
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.0))
+    for key, label in (
+        ("local/jensen_gap", "local Jensen gap"),
+        ("local/barrier_max", "client-to-global barrier (max)"),
+        ("barrier/jensen_aggregate", "server: Jensen gap of the aggregate"),
+        ("barrier/pairwise_max", "server: pairwise barrier (max)"),
+    ):
+        xs, ys = _series(rows, key)
+        if xs:
+            ax.plot(xs, ys, "o-" if key.startswith("local/") else "x:", label=label)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss above the clients' own (nats)")
+    ax.set_title("Measured on the clients' own data")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    for client in last["local_clients"]:
+        ax2.plot(client["alphas"], client["curve"], "o-", label=f"client {client['partition-id']}")
+    ax2.set_xlabel("alpha (0 = the client's adapter, 1 = the aggregate)")
+    ax2.set_ylabel("loss on the client's validation rows")
+    ax2.set_title(f"Client-to-global curves, round {last['round']}")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -189,6 +225,7 @@ def write_report(out_dir: Path, rows: Sequence[dict], config_json: str, metric: 
     plot_accuracy(rows, metric, out_dir / "accuracy.png")
     plot_barriers(rows, out_dir / "barriers.png")
     has_curves = plot_curves(rows, out_dir / "interpolation.png")
+    has_local = plot_local(rows, out_dir / "local.png")
     columns = [
         ("round", "round"),
         (f"global/{metric}", metric),
@@ -202,6 +239,9 @@ def write_report(out_dir: Path, rows: Sequence[dict], config_json: str, metric: 
         ("comm/bytes_up", "bytes up"),
         ("time/round_s", "round s"),
     ]
+    if has_local:  # the clients' own measurements, next to the server's barriers
+        at = [key for key, _ in columns].index("aggregation/exactness_error")
+        columns[at:at] = [("local/jensen_gap", "local Jensen"), ("local/barrier_max", "client-global barrier")]
     # Further global metrics a task reports (causal_lm: perplexity, ROUGE-L of its generations).
     shown = {key for key, _ in columns}
     extra = sorted(
@@ -236,6 +276,16 @@ def write_report(out_dir: Path, rows: Sequence[dict], config_json: str, metric: 
     ]
     if has_curves:
         lines += ["![interpolation curves](interpolation.png)", ""]
+    if has_local:
+        lines += [
+            "Client-side diagnostics, each client on its own validation rows: the local Jensen gap "
+            "(the aggregate's loss minus the client's own adapter's, weighted; positive = averaging hurts the "
+            "clients on their own data) and the client-to-global barrier (the worst bump above the straight line "
+            "from a client's adapter to the aggregate).",
+            "",
+            "![client-side diagnostics](local.png)",
+            "",
+        ]
     generations = out_dir / "generations.md"  # written by tasks that generate text (causal_lm)
     if generations.is_file():
         lines += [generations.read_text(encoding="utf-8"), ""]

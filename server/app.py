@@ -43,7 +43,7 @@ from copra_core.evaluator import ServerEvaluator
 from copra_core.learner import model_bundle
 from copra_core.reporting import MetricsLog, atomic_write_text, write_report
 from server.allocation import AllocatedFedAvg, Allocator
-from server.diagnostics import RoundDiagnostics
+from server.diagnostics import LocalDiagnostics, RoundDiagnostics
 from server.initialisation import initial_adapter
 from server.metrics import pooled_metrics
 from server.strategy import AdapterFedAvg
@@ -195,11 +195,17 @@ class ServerRun:
     def build_strategy(self, global_state: AdapterState) -> AdapterFedAvg:
         """Flower's FedAvg loop with the rule, the diagnostics and the run's sampling settings."""
         config, bundle, federation = self.config, self.bundle, self.config.federation
+        where = config.diagnostics_where()  # the clients resolve it alike, from the config they receive
         settings = dict(
             rule=self.rule,
             initial_state=global_state,
             transport_dtype=federation.transport_dtype,
-            diagnostics=self.diagnostics if config.diagnostics.enabled else None,
+            diagnostics=self.diagnostics if config.diagnostics.enabled and where in ("server", "both") else None,
+            local_diagnostics=(
+                LocalDiagnostics(config.interpolation_grid(), bundle.task.metric)
+                if config.diagnostics.enabled and where in ("clients", "both")
+                else None
+            ),
             on_base_offset=lambda offsets: bundle.base_offsets.apply(bundle.model, offsets),
             base_checksum=lambda: bundle.base_offsets.checksum(bundle.model),
             screening=config.screening,

@@ -1,23 +1,30 @@
-"""The barrier diagnostics of one round, on the server's diagnostic sample.
+"""The barrier diagnostics of one round: on the server's diagnostic sample, and from the clients.
 
 The measurements themselves are ``copra_core/diagnostics.py`` (Jensen gaps, pairwise
-interpolation barriers, exactness error); this adapts a round's replies to them and adds
-the per-client results (``clients``) and the interpolation curves (``curves``) to the row.
+interpolation barriers, exactness error); ``RoundDiagnostics`` adapts a round's replies to
+them and adds the per-client results (``clients``) and the interpolation curves
+(``curves``) to the row. ``LocalDiagnostics`` reads what the clients measured on their own
+data (``copra_core/local_diagnostics.py``, ``diagnostics.where``) out of the evaluate
+replies: ``local/*`` metrics and per-client rows under ``local_clients``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
+from flwr.app import Message
 
-from copra_core import protocol
+from copra_core import local_diagnostics, protocol
 from copra_core.adapters import AdapterState
 from copra_core.allocation.masking import effective_state
 from copra_core.allocation.merge import pad_average, product_average
 from copra_core.config import DiagnosticsSettings
 from copra_core.diagnostics import AdapterEvaluator, MaskedAverages, round_diagnostics
 from strategies.base import ClientUpdate
+
+log = logging.getLogger(__name__)
 
 
 class RoundDiagnostics:
@@ -93,3 +100,44 @@ class RoundDiagnostics:
         ]
         metrics["curves"] = [vars(c) | {"pair": list(c.pair)} for c in curves]
         return metrics
+
+
+class LocalDiagnostics:
+    """Reduces the clients' own measurements (``diagnostics.where`` = clients or both).
+
+    Parameters
+    ----------
+    grid : sequence of float
+        Interpolation points (``RunConfig.interpolation_grid``): ``local/curve_<i>`` is the
+        loss at ``grid[i]``.
+    metric : str
+        The task's metric (``accuracy``, ``token_accuracy``).
+    """
+
+    def __init__(self, grid: Sequence[float], metric: str) -> None:
+        self.grid = list(grid)
+        self.metric = metric
+
+    def __call__(self, replies: Sequence[Message]) -> dict:
+        """The round's ``local/*`` metrics and ``local_clients``; removes the ``local/*`` keys from the replies.
+
+        Removed so the replies go on to Flower's federated evaluation as before (Flower
+        requires every reply to carry the same metric keys, and a client that did not
+        train this round reports none). Replies in error are skipped.
+        """
+        reports: list[tuple[int, dict[str, float]]] = []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            record = protocol.reply_metrics(reply)
+            _, local = local_diagnostics.split_local(record)
+            for key in local:
+                del record[key]
+            if local:
+                reports.append((int(local.pop(local_diagnostics.PARTITION, -1)), local))
+        reports.sort(key=lambda report: report[0])
+        metrics, rows = local_diagnostics.reduce_local(reports, self.grid, self.metric)
+        if not reports:
+            log.info("client-side diagnostics: no evaluated client trained this round")
+            return {}
+        return {**metrics, "local_clients": rows}

@@ -32,7 +32,7 @@ from copra_core import protocol
 from copra_core.adapters import AdapterState, array_record_nbytes, check_compatible, from_array_record, to_array_record
 from copra_core.config import ScreeningSettings
 from server import replies as reply_checks
-from server.diagnostics import RoundDiagnostics
+from server.diagnostics import LocalDiagnostics, RoundDiagnostics
 from server.offsets import BaseOffsetBook, check_client_bases
 from server.sampling import NodeSampler
 from server.screening import ReplyScreen
@@ -83,6 +83,9 @@ class AdapterFedAvg(FedAvg):
         Dtype of adapters on the wire (``float32`` or ``float16``).
     diagnostics : RoundDiagnostics, optional
         Barrier diagnostics, run on every aggregation.
+    local_diagnostics : LocalDiagnostics, optional
+        Reduces the diagnostics the clients measured on their own data from the evaluate
+        replies (``diagnostics.where`` = clients or both).
     on_base_offset : callable, optional
         Applies the new base offsets to the server's own model after a round that changed them.
     base_checksum : callable, optional
@@ -107,6 +110,7 @@ class AdapterFedAvg(FedAvg):
         initial_state: AdapterState,
         transport_dtype: str = "float32",
         diagnostics: RoundDiagnostics | None = None,
+        local_diagnostics: LocalDiagnostics | None = None,
         on_base_offset: Callable[[AdapterState], None] | None = None,
         base_checksum: Callable[[], int] | None = None,
         screening: ScreeningSettings | None = None,
@@ -118,6 +122,7 @@ class AdapterFedAvg(FedAvg):
         self.rule = rule
         self.transport_dtype = transport_dtype
         self.diagnostics = diagnostics
+        self.local_diagnostics = local_diagnostics
         self.on_base_offset = on_base_offset
         self.base_checksum = base_checksum
         self.screen: ReplyScreen | None = None
@@ -262,6 +267,9 @@ class AdapterFedAvg(FedAvg):
 
     @in_run_rounds
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if self.local_diagnostics is not None:
+            replies = list(replies)  # read twice: the clients' own diagnostics, then Flower's evaluation
+            self._round.metrics.update(self.local_diagnostics(replies))
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             federated = {f"federated/{k}": v for k, v in metrics.items() if k != protocol.NUM_EXAMPLES}

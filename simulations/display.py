@@ -20,6 +20,11 @@ COLUMNS = (
     ("comm/bytes_up", "MB_up", "{:.2f}"),
     ("time/round_s", "sec", "{:.0f}"),
 )
+#: Added with ``diagnostics.where`` = clients or both: the clients' own measurements (docs/methods.md).
+LOCAL_COLUMNS = (
+    ("local/jensen_gap", "J_loc", "{:+.3f}"),
+    ("local/barrier_max", "b_loc", "{:+.3f}"),
+)
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -34,12 +39,20 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 class RichRoundDisplay:
     """Round observer: prints each round as a table row under a live progress bar."""
 
-    def __init__(self, num_rounds: int, title: str, console: Console | None = None, metric: str = "accuracy") -> None:
-        """``metric``: the task's headline metric, shown in the acc/cli_acc columns (e.g. token_accuracy)."""
+    def __init__(
+        self,
+        num_rounds: int,
+        title: str,
+        console: Console | None = None,
+        metric: str = "accuracy",
+        local: bool = False,
+    ) -> None:
+        """``metric``: the task's headline metric, shown in the acc/cli_acc columns (e.g. token_accuracy);
+        ``local``: also show the client-side diagnostics (J_loc, b_loc)."""
         self.console = console or Console(stderr=False)
         self.columns = tuple(
             (key.replace("accuracy", metric) if key.endswith("accuracy") else key, header, fmt)
-            for key, header, fmt in COLUMNS
+            for key, header, fmt in COLUMNS + (LOCAL_COLUMNS if local else ())
         )
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
