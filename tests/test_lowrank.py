@@ -124,3 +124,42 @@ def test_rules_with_svd_qr_match_their_dense_default(spec, options):
     )
     with pytest.raises(ConfigError, match=r"option 'svd' must be one of \('dense', 'qr'\), got 'lapack'"):
         strategies.build(spec, ", ".join(filter(None, [options, "svd=lapack"])))
+
+
+def test_masked_product_with_svd_qr_matches_dense_on_partial_mixed_rank_replies():
+    """HeteroLoRA replies: module m1 trained by clients 0 and 2 at ranks 4 and 2, m2 by nobody."""
+    g = torch.Generator().manual_seed(12)
+    current = {
+        "m1.lora_A.weight": torch.randn(4, 9, generator=g),
+        "m1.lora_B.weight": torch.randn(7, 4, generator=g),
+        "m2.lora_A.weight": torch.randn(4, 5, generator=g),
+        "m2.lora_B.weight": torch.randn(6, 4, generator=g),
+        "head.weight": torch.randn(3, generator=g),
+    }
+    ranks = {0: 4, 1: None, 2: 2}
+    updates = []
+    for k, r in ranks.items():
+        state = {"head.weight": torch.randn(3, generator=g)}
+        if r is not None:
+            state |= {
+                "m1.lora_A.weight": torch.randn(r, 9, generator=g),
+                "m1.lora_B.weight": torch.randn(7, r, generator=g),
+            }
+        updates.append(ClientUpdate(node_id=k, state=state, num_examples=10 * (k + 1)))
+    dense_rule = strategies.build("masked", "rank-merge=product")
+    qr_rule = strategies.build("masked", "rank-merge=product, svd=qr")
+    dense, qr = dense_rule.aggregate(updates, current), qr_rule.aggregate(updates, current)
+    trainers = [u for u in updates if "m1.lora_A.weight" in u.state]
+    total = sum(u.num_examples for u in trainers)
+    exact = sum(
+        u.num_examples / total * (u.state["m1.lora_B.weight"].double() @ u.state["m1.lora_A.weight"].double())
+        for u in trainers
+    )
+    for out in (dense, qr):  # rank 6 of the exact average >= r = 4: compare with numpy's best rank 4
+        u_np, s_np, vh_np = np.linalg.svd(exact.numpy())
+        best = (u_np[:, :4] * s_np[:4]) @ vh_np[:4]
+        got = (out["m1.lora_B.weight"].double() @ out["m1.lora_A.weight"].double()).numpy()
+        assert np.linalg.norm(got - best) / np.linalg.norm(best) < 1e-5
+        for key in ("m2.lora_A.weight", "m2.lora_B.weight"):  # nobody trained m2: kept as it was
+            assert torch.equal(out[key], current[key])
+    torch.testing.assert_close(qr["head.weight"], dense["head.weight"], rtol=0, atol=0)
