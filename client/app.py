@@ -2,20 +2,29 @@
 
 The run config arrives inside every message (the server is the single source of truth),
 so the same ClientApp serves ``flwr run``, ``copra-fl simulate`` and deployments. The
-node's partition comes from its node config (``partition-id``, ``num-partitions``).
+node's data comes from its node config: a partition (``partition-id``, ``num-partitions``)
+of the run's dataset, or its own files (``data-path``, optional ``val-path``). A deployed
+node reads only files its own node config names: a path in the run config is refused
+(``node_source``); only ``copra-fl simulate``, where one person owns everything, allows it.
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord
+import os
+import zlib
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from copra_core import local_diagnostics, protocol
 from copra_core.adapters import AdapterState, from_array_record
 from copra_core.allocation.downlink import as_sent, fill_modules
 from copra_core.allocation.masking import ClientPlan, client_plan, effective_state
-from copra_core.config import RunConfig, split_csv
+from copra_core.config import SIMULATION_ENV, ConfigError, RunConfig, split_csv
+from copra_core.data import DataFileError, NodeFiles
 from copra_core.learner import ClientLearner
+from copra_core.local_data import LocalDataError
+from copra_core.tasks.base import DATA_LABEL_COUNTS, DATA_SKIPPED_ROWS
 
 app = ClientApp()
 
@@ -23,9 +32,44 @@ app = ClientApp()
 def _learner(msg: Message, context: Context) -> tuple[ClientLearner, RunConfig, dict]:
     sent = dict(msg.content.config_records[protocol.CONFIG])
     config = RunConfig.from_flat(sent, ignore=protocol.ROUND_KEYS)
-    partition_id = int(context.node_config[protocol.PARTITION_ID])
-    num_partitions = int(context.node_config[protocol.NUM_PARTITIONS])
-    return ClientLearner(config, partition_id, num_partitions), config, sent
+    refuse_run_config_paths(config)
+    partition_id, num_partitions, node_files = node_source(context)
+    return ClientLearner(config, partition_id, num_partitions, node_files), config, sent
+
+
+def refuse_run_config_paths(config: RunConfig) -> None:
+    """Outside ``copra-fl simulate``, refuse a run config naming a local path, before opening anything.
+
+    A deployed node reads only the files its own node config names; otherwise a server
+    operator could make it train on, and leak through the adapter, any file on the machine.
+    ``copra-fl simulate`` sets ``$COPRA_FL_SIMULATION`` for its nodes (one person owns everything).
+    """
+    if os.environ.get(SIMULATION_ENV) == "1":
+        return
+    refused = {"data.dataset": config.data.dataset if config.data.is_path else "", "data.dir": config.data.dir}
+    for key, value in refused.items():
+        if value:
+            raise ConfigError(
+                f"Config key '{key}': the run config names a local path ('{value}'); a deployed node reads only "
+                f"the files its own node config names ({protocol.DATA_PATH}, {protocol.VAL_PATH}). Not read."
+            )
+
+
+def node_source(context: Context) -> tuple[int, int, NodeFiles | None]:
+    """(partition id, partition count, own files) of this node, from its node config.
+
+    A node with ``data-path`` trains on it; its id is its ``partition-id`` if given, else a
+    CRC32 of its ``node-name`` (or of Flower's node id): stable seeds and metrics rows
+    without a partition.
+    """
+    node = context.node_config
+    if protocol.DATA_PATH not in node:
+        return int(node[protocol.PARTITION_ID]), int(node[protocol.NUM_PARTITIONS]), None
+    files = NodeFiles(str(node[protocol.DATA_PATH]), str(node.get(protocol.VAL_PATH, "")))
+    if protocol.PARTITION_ID in node:
+        return int(node[protocol.PARTITION_ID]), int(node.get(protocol.NUM_PARTITIONS, 1)), files
+    name = str(node.get(protocol.NODE_NAME, context.node_id))
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF, 1, files
 
 
 def _global_adapter(msg: Message, learner: ClientLearner, config: RunConfig) -> AdapterState:
@@ -44,7 +88,7 @@ def _plan(msg: Message, context: Context, config: RunConfig) -> ClientPlan | Non
     if allocation is None:
         return None
     node = dict(context.node_config)
-    partition_id = int(node[protocol.PARTITION_ID])
+    partition_id = node_source(context)[0]
     # Simulation has no per-node config beyond the partition: the run config can give one per partition.
     for key, values in (
         (protocol.NODE_RANK, config.allocation.client_ranks),
@@ -77,9 +121,12 @@ def train(msg: Message, context: Context) -> Message:
         # server decodes it, whole (a partial reply completed with the global adapter it started from).
         sent_state = from_array_record(arrays)
         kept = effective_state(sent_state, state) if plan is not None else sent_state
-        trained = local_diagnostics.TrainedAdapter(server_round, kept, offsets, float(learner.num_train_examples))
+        weight = float(learner.num_train_examples)
+        trained = local_diagnostics.TrainedAdapter(server_round, kept, offsets, weight, config.fingerprint())
         local_diagnostics.keep(context.state, trained)
-    return protocol.reply(msg, {**metrics, **_identity(learner)}, {protocol.ARRAYS: arrays})
+    # Own data: this node's skipped bad rows land per client in metrics.jsonl.
+    own = {k: v for k, v in learner.data_summary.items() if k == DATA_SKIPPED_ROWS}
+    return protocol.reply(msg, {**metrics, **own, **_identity(learner)}, {protocol.ARRAYS: arrays})
 
 
 def _local_diagnostics(config: RunConfig) -> bool:
@@ -138,7 +185,29 @@ def proxy_scores(msg: Message, context: Context) -> Message:
     return protocol.reply(msg, metrics, {protocol.SCORES: MetricRecord(scores)})
 
 
+@app.query(protocol.DATA_SUMMARY_ACTION)
+def data_summary(msg: Message, context: Context) -> Message:
+    """Round 0: this node's data summary, or why its data does not fit the run's schema.
+
+    Only numbers leave the node (rows for training and validation, skipped rows, and, unless
+    ``data.share-label-counts=false``, rows per label), or one line naming the problem (a
+    missing column, a label outside data.labels, an empty or undecodable file): a reply,
+    not an error, so the server can name the node and leave it out.
+    """
+    config = RunConfig.from_flat(dict(msg.content.config_records[protocol.CONFIG]), ignore=protocol.ROUND_KEYS)
+    partition_id = node_source(context)[0]
+    try:
+        learner, _, _ = _learner(msg, context)
+    except (LocalDataError, DataFileError, ConfigError) as err:
+        check = ConfigRecord({protocol.REASON: str(err)})
+        return protocol.reply(msg, {protocol.PARTITION_ID: partition_id}, {protocol.DATA_CHECK: check})
+    summary = dict(learner.data_summary)
+    if not config.data.share_label_counts:
+        summary.pop(DATA_LABEL_COUNTS, None)
+    return protocol.reply(msg, {**summary, **_identity(learner)})
+
+
 @app.query(protocol.PARTITION_ACTION)
 def partition(msg: Message, context: Context) -> Message:
     """This node's partition id, so the server samples by partition (``server/sampling.py``)."""
-    return protocol.reply(msg, {protocol.PARTITION_ID: int(context.node_config[protocol.PARTITION_ID])})
+    return protocol.reply(msg, {protocol.PARTITION_ID: node_source(context)[0]})

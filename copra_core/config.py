@@ -37,6 +37,14 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the key."""
 
 
+#: ``data.dataset``: the registered datasets (data/MANIFEST.md); any other value must be a path.
+REGISTERED_DATASETS = ("sst2", "mrpc", "ag_news", "dolly")
+#: Environment variable ``copra-fl simulate`` sets for its simulated nodes: paths in the run
+#: config are then the user's own files. A deployed node never has it and refuses them.
+SIMULATION_ENV = "COPRA_FL_SIMULATION"
+#: Suffixes of the data files a path may name (``copra_core/local_data.py`` reads them).
+DATA_FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
 #: ``device``: not a fixed list (``cuda:N`` names any GPU), so a pattern.
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -156,8 +164,12 @@ class TrainSettings:
 
 @dataclass
 class DataSettings:
-    dataset: Literal["sst2", "mrpc", "ag_news", "dolly"] = _help(
-        "Dataset in data/MANIFEST.md: dolly is for task causal_lm, the others for sequence_classification.",
+    dataset: str = _help(
+        "A registered dataset in data/MANIFEST.md (sst2, mrpc, ag_news for sequence_classification; dolly for "
+        "causal_lm) or, for sequence_classification, a local path: a CSV/TSV/JSON Lines/Parquet file or "
+        "save_to_disk folder (partitioned by data.partition), or a folder of one such file per client "
+        "(client i = file i). A path holds a '/' or a data-file suffix (./mydata, not mydata). Simulation only: "
+        "a deployed node refuses it and reads the data-path of its own node config (docs/own_data.md).",
         default="sst2",
     )
     dir: str = _help(
@@ -174,6 +186,62 @@ class DataSettings:
     val_fraction: float = _help("Fraction of each client's partition held out for local validation.", default=0.1)
     val_max: int = _help("Cap on local validation examples per client (0 = no cap).", default=64)
     eval_size: int = _help("Server evaluation examples from the dev set (0 = whole dev set).", default=0)
+    text_columns: str = _help(
+        "Own data (a path or a node's data-path): comma-separated text columns (one, or two for sentence pairs).",
+        default="text",
+    )
+    label_column: str = _help("Own data: the column holding each row's label name.", default="label")
+    labels: str = _help(
+        "Own data: the ordered, comma-separated label names, the run's label space (label i = class i on every "
+        "node, and the head's size). Required for a path.",
+        default="",
+    )
+    bad_rows: Literal["error", "skip"] = _help(
+        "Own data: a row with a missing text or label, or a label outside data.labels: error (the node's data "
+        "check fails, naming the file and lines) | skip (left out and counted: data-skipped-rows per client).",
+        default="error",
+    )
+    share_label_counts: bool = _help(
+        "Own data: nodes report their rows per label in the round-0 data check (false: only row counts).",
+        default=True,
+    )
+    server_eval: Literal["auto", "dataset", "none"] = _help(
+        "The server's own evaluation data: auto (a registered dataset's dev split; for a path, data.eval-path if "
+        "set, else none) | dataset (the same, but an error when there is none) | none (the server holds no "
+        "data: global accuracy/loss are the clients' pooled federated evaluation, server diagnostics off).",
+        default="auto",
+    )
+    eval_path: str = _help(
+        "Own data: a labelled file (same schema) the server evaluates on; '' = none. Read by the server only.",
+        default="",
+    )
+
+    @property
+    def is_path(self) -> bool:
+        """Whether ``dataset`` names a local path rather than a registered dataset."""
+        return self.dataset not in REGISTERED_DATASETS
+
+    @property
+    def own_data(self) -> bool:
+        """Whether clients read own data (a path, or deployed nodes' data-path): ``labels`` declared."""
+        return self.is_path or bool(split_csv(self.labels))
+
+    @property
+    def server_has_data(self) -> bool:
+        """Whether the server builds evaluation sets (``server-eval`` resolved)."""
+        if self.server_eval == "none":
+            return False
+        return not self.is_path or bool(self.eval_path)
+
+
+def looks_like_path(value: str) -> bool:
+    """A ``data.dataset`` value that names a file or folder: a separator, a leading . or ~, or a data suffix."""
+    return (
+        "/" in value
+        or "\\" in value
+        or value.startswith((".", "~"))
+        or Path(value).suffix.lower() in DATA_FILE_SUFFIXES
+    )
 
 
 @dataclass
@@ -481,6 +549,7 @@ class RunConfig:
                     f"Config key '{key}' needs one value per client (federation.clients={self.federation.clients}), "
                     f"got {len(values)}."
                 )
+        self._validate_data()
         if self.diagnostics.where in ("server", "both") and not getattr(self.data, "server_has_data", True):
             raise ConfigError(
                 f"Config key 'diagnostics.where' is '{self.diagnostics.where}' but the server holds no evaluation "
@@ -489,6 +558,37 @@ class RunConfig:
         grid = self.interpolation_grid()
         if any(not 0.0 <= a <= 1.0 for a in grid) or len(grid) < 2:
             raise ConfigError("Config key 'diagnostics.grid' needs >= 2 values in [0, 1].")
+
+    def _validate_data(self) -> None:
+        """``data.dataset`` is a registered name or a path; a path needs the schema keys."""
+        data = self.data
+        if not data.is_path:
+            return
+        if not looks_like_path(data.dataset):
+            close = difflib.get_close_matches(data.dataset, REGISTERED_DATASETS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else " For a path, write ./NAME."
+            raise ConfigError(
+                f"Config key 'data.dataset' must be one of {' | '.join(REGISTERED_DATASETS)} or a local path "
+                f"(with a '/' or a suffix {', '.join(DATA_FILE_SUFFIXES)}), got '{data.dataset}'.{hint}"
+            )
+        if self.task != "sequence_classification":
+            raise ConfigError(
+                f"Config key 'data.dataset': a path is supported for task sequence_classification only, "
+                f"got task {self.task}."
+            )
+        labels = split_csv(data.labels)
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ConfigError(
+                f"Config key 'data.labels' must list the ordered label names (at least two, distinct) when "
+                f"data.dataset is a path, got '{data.labels}'."
+            )
+        if not split_csv(data.text_columns):
+            raise ConfigError("Config key 'data.text-columns' is empty; name the text column(s) of your files.")
+        if data.server_eval == "dataset" and not data.eval_path:
+            raise ConfigError(
+                "Config key 'data.server-eval' is 'dataset' but data.dataset is a path and data.eval-path is empty; "
+                "set data.eval-path to a labelled file or data.server-eval=none."
+            )
 
     # ------------------------------------------------------------------ helpers
     def diagnostics_where(self) -> Literal["server", "clients", "both"]:

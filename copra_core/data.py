@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
@@ -25,7 +26,15 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
-from copra_core.config import DataSettings
+from copra_core.config import DataSettings, split_csv
+from copra_core.local_data import (
+    LocalDataError,
+    ReadResult,
+    TextSchema,
+    is_natural_partition,
+    natural_partition_files,
+    read_text_classification,
+)
 
 log = logging.getLogger(__name__)
 
@@ -270,4 +279,144 @@ def calibration_split(settings: DataSettings, seed: int, size: int) -> Dataset:
     """
     spec = dataset_spec(settings.dataset)
     train = read_split(resolve_data_dir(settings), spec, "train")
+    return train.shuffle(seed=seed + 7).select(range(min(size, len(train))))
+
+
+# ------------------------------------------------------------------ own data (a path, a node's files)
+@dataclass(frozen=True)
+class NodeFiles:
+    """A deployed node's own files, named by its node config (``data-path``, optional ``val-path``)."""
+
+    train: str
+    val: str = ""
+
+
+@dataclass
+class ClientData:
+    """One client's (train, validation) rows and the numbers its round-0 data check reports."""
+
+    train: Dataset
+    val: Dataset
+    skipped_rows: int
+    #: Rows per label index, train and validation together.
+    label_counts: list[int]
+
+
+def own_schema(settings: DataSettings) -> TextSchema:
+    """The run's declared schema (``data.text-columns``, ``data.label-column``, ``data.labels``)."""
+    return TextSchema(tuple(split_csv(settings.text_columns)), settings.label_column, tuple(split_csv(settings.labels)))
+
+
+def source_identity(settings: DataSettings, node_files: NodeFiles | None) -> tuple:
+    """What a client's rows are read from, with every file's size and modification time.
+
+    Part of the example cache's key (``copra_core/learner.py``): an edited file is read again.
+    """
+    paths = [node_files.train, node_files.val] if node_files else [settings.dataset]
+    identity = []
+    for name in paths:
+        if not name:
+            continue
+        path = Path(name).expanduser()
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        identity += [(str(p.resolve()), *_stat(p)) for p in files]
+    return tuple(identity)
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return (-1, -1)  # a missing file: reading it names it
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+def path_client_data(
+    settings: DataSettings, partition_id: int, num_partitions: int, seed: int, node_files: NodeFiles | None = None
+) -> ClientData:
+    """One client's own data: the node's files, a natural-partition file, or a partition of one file.
+
+    ``node_files`` (deployment): the node's ``data-path`` and optional ``val-path`` (else
+    ``data.val-fraction`` of its rows). Otherwise ``data.dataset`` is a path: a folder of
+    per-client files gives client i file i (``federation.clients`` must equal the file
+    count); a file is split with ``data.partition`` like a registered dataset.
+    Errors are ``LocalDataError`` naming the file (the round-0 data check reports them).
+    """
+    schema, bad_rows = own_schema(settings), settings.bad_rows
+    if node_files is not None:
+        result = read_text_classification(Path(node_files.train).expanduser(), schema, bad_rows)
+        if node_files.val:
+            val = read_text_classification(Path(node_files.val).expanduser(), schema, bad_rows)
+            val_rows = val.dataset
+            if settings.val_max and len(val_rows) > settings.val_max:
+                val_rows = val_rows.select(range(settings.val_max))
+            return _client_data(result.dataset, val_rows, result.skipped_rows + val.skipped_rows, schema)
+        train, val_split = split_partition(result.dataset, settings, partition_id, seed)
+        return _client_data(train, val_split, result.skipped_rows, schema)
+    path = Path(settings.dataset).expanduser()
+    if is_natural_partition(path):
+        files = natural_partition_files(path)
+        if len(files) != num_partitions:
+            raise LocalDataError(
+                f"{path}: a natural partition of {len(files)} files needs federation.clients={len(files)}, "
+                f"got {num_partitions} (client i trains on file i: {[f.name for f in files]})."
+            )
+        result = _read_cached(files[partition_id], schema, bad_rows, source_identity(settings, None))
+        train, val = split_partition(result.dataset, settings, partition_id, seed)
+        return _client_data(train, val, result.skipped_rows, schema)
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
+    identity = source_identity(settings, None)
+    result = _read_cached(path, schema, bad_rows, identity)
+    key = tuple(sorted(vars(settings).items()))
+    partitioner = _path_partitioner(path, schema, identity, key, num_partitions, seed)
+    train, val = split_partition(partitioner.load_partition(partition_id), settings, partition_id, seed)
+    # A shared file: its skipped rows are the file's, reported alike by every client.
+    return _client_data(train, val, result.skipped_rows, schema)
+
+
+def _client_data(train: Dataset, val: Dataset, skipped_rows: int, schema: TextSchema) -> ClientData:
+    labels = np.concatenate(
+        [np.asarray(train["label"][:], dtype=np.int64), np.asarray(val["label"][:], dtype=np.int64)]
+    )
+    counts = np.bincount(labels, minlength=len(schema.labels))
+    return ClientData(train, val, skipped_rows, [int(c) for c in counts])
+
+
+@lru_cache(maxsize=8)
+def _read_cached(path: Path, schema: TextSchema, bad_rows: str, identity: tuple) -> ReadResult:
+    del identity  # part of the cache key only: an edited file is read again
+    return read_text_classification(path, schema, bad_rows)  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=4)
+def _path_partitioner(
+    path: Path, schema: TextSchema, identity: tuple, settings_key: tuple, num_partitions: int, seed: int
+) -> Partitioner:
+    settings = DataSettings(**dict(settings_key))
+    partitioner = make_partitioner(settings, num_partitions, seed)
+    partitioner.dataset = _read_cached(path, schema, settings.bad_rows, identity).dataset
+    return partitioner
+
+
+def path_eval_split(settings: DataSettings, seed: int, size: int = 0) -> Dataset:
+    """The server's evaluation set for own data: ``data.eval-path``, or a seeded sample of ``size`` rows."""
+    if not settings.eval_path:
+        raise LocalDataError(
+            "The server has no evaluation data: data.dataset is a path and data.eval-path is empty "
+            "(set data.server-eval=none, or data.eval-path to a labelled file)."
+        )
+    result = read_text_classification(Path(settings.eval_path).expanduser(), own_schema(settings), settings.bad_rows)
+    return seeded_sample(result.dataset, seed, size)
+
+
+def path_calibration_split(settings: DataSettings, seed: int, size: int) -> Dataset:
+    """LoRA-GA's server calibration sample for a path: rows of the file (simulation only)."""
+    path = Path(settings.dataset).expanduser()
+    if is_natural_partition(path):
+        raise LocalDataError(
+            f"Config key 'init.source': the server holds no training rows of the natural partition {path}; "
+            "use init.source=clients."
+        )
+    train = _read_cached(path, own_schema(settings), settings.bad_rows, source_identity(settings, None)).dataset
     return train.shuffle(seed=seed + 7).select(range(min(size, len(train))))

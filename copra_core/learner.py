@@ -24,10 +24,12 @@ from copra_core.allocation.proxies import score_modules
 from copra_core.base_offset import BaseOffsets
 from copra_core.config import RunConfig
 from copra_core.copra import BlockDropper, all_blocks_active
+from copra_core.data import NodeFiles, source_identity
 from copra_core.device import resolve_device
 from copra_core.init.gradients import estimate_weight_gradients
 from copra_core.lora import build_peft_model, lora_layers_by_block
 from copra_core.tasks import Batch, Task, build_task
+from copra_core.tasks.base import ClientExamples
 from copra_core.training import RoundSchedule, evaluation_sums, train_local
 
 log = logging.getLogger(__name__)
@@ -140,21 +142,28 @@ def model_bundle(config: RunConfig) -> ModelBundle:
 
 
 @lru_cache(maxsize=16)
-def _client_examples(task: Task, data_key: str, partition_id: int, num_partitions: int) -> tuple[Sequence, Sequence]:
-    del data_key  # part of the cache key only
-    return task.client_examples(partition_id, num_partitions)
+def _client_data(
+    task: Task, data_key: str, partition_id: int, num_partitions: int, node_files: NodeFiles | None, identity: tuple
+) -> ClientExamples:
+    del data_key, identity  # part of the cache key only
+    return task.client_data(partition_id, num_partitions, node_files)
 
 
 class ClientLearner:
     """Trains and evaluates one client's adapter on its own partition."""
 
-    def __init__(self, config: RunConfig, partition_id: int, num_partitions: int) -> None:
+    def __init__(
+        self, config: RunConfig, partition_id: int, num_partitions: int, node_files: NodeFiles | None = None
+    ) -> None:
+        """``node_files``: a deployed node's own files (its node config's ``data-path``, ``val-path``)."""
         self.config = config
         self.partition_id = partition_id
         self.bundle = model_bundle(config)
         data_key = config.fingerprint((*tuple(k for k in config.to_flat() if k.startswith("data.")), "seed"))
-        self.train_examples, self.val_examples = _client_examples(
-            self.bundle.task, data_key, partition_id, num_partitions
+        # Own data: the files' sizes and modification times join the key, so an edited file is read again.
+        identity = source_identity(config.data, node_files) if node_files or config.data.is_path else ()
+        self.train_examples, self.val_examples, self.data_summary = _client_data(
+            self.bundle.task, data_key, partition_id, num_partitions, node_files, identity
         )
 
     @property

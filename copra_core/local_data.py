@@ -25,10 +25,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
 
+from copra_core.config import DATA_FILE_SUFFIXES
+
 log = logging.getLogger(__name__)
 
 #: File suffixes read as one table each (a folder of such files is a natural partition).
-TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+TABLE_SUFFIXES = DATA_FILE_SUFFIXES
 BadRows = Literal["error", "skip"]
 #: How many offending lines an error names (the first ones).
 SHOWN_LINES = 5

@@ -15,12 +15,15 @@ record key             record type     content
 ``allocation``         ConfigRecord    HeteroLoRA allocation: ``modules`` and ``ranking``
 ``gradients``          ArrayRecord     a client's LoRA-GA gradient estimate (query reply)
 ``scores``             MetricRecord    a client's proxy score per module (query reply)
+``data-check``         ConfigRecord    why a node's data does not fit the schema (data-summary reply)
 =====================  ==============  ==========================================================
 
-Message types: Flower's ``train`` and ``evaluate``, and three queries: the plain ``query``
-(LoRA-GA gradient estimate), ``query.proxy_scores`` (allocation) and ``query.partition``
-(partition-ordered sampling). ``query_nodes`` is the server's one way to ask every node
-something outside the training rounds.
+Message types: Flower's ``train`` and ``evaluate``, and four queries: the plain ``query``
+(LoRA-GA gradient estimate), ``query.proxy_scores`` (allocation), ``query.partition``
+(partition-ordered sampling) and ``query.data_summary`` (the round-0 data check: row and
+label counts, or the reason a node's data does not fit; numbers and that string only).
+``query_nodes`` is the server's one way to ask every node something outside the training
+rounds.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ OMITTED = "omitted"
 ALLOCATION = "allocation"
 GRADIENTS = "gradients"
 SCORES = "scores"
+DATA_CHECK = "data-check"
 
 # ------------------------------------------------------------------ keys inside records
 #: Metrics of every reply (and keys of the node config, where a node's partition is set).
@@ -58,6 +62,13 @@ NUM_PARTITIONS = "num-partitions"
 NODE_BUDGET = "allocation-budget"
 NODE_RANK = "lora-rank"
 NUM_EXAMPLES = "num-examples"
+#: Node-config keys of a node's own data (deployment): its training file, an optional
+#: validation file, and an optional name that gives it a stable id without a partition-id.
+DATA_PATH = "data-path"
+VAL_PATH = "val-path"
+NODE_NAME = "node-name"
+#: Fields of the ``data-check`` record: why the data does not fit (one line, no row content).
+REASON = "reason"
 #: CRC32 of a client's offset base (train replies, when the message carried offsets).
 BASE_CRC32 = "base-crc32"
 #: Whether proxy scoring had to probe B (all B = 0) (proxy-score replies).
@@ -78,9 +89,11 @@ RANKING = "ranking"
 #: Query actions (the ClientApp's ``@app.query(action)``); the gradient query is the plain one.
 PROXY_SCORES_ACTION = "proxy_scores"
 PARTITION_ACTION = "partition"
+DATA_SUMMARY_ACTION = "data_summary"
 QUERY_GRADIENTS = MessageType.QUERY
 QUERY_PROXY_SCORES = f"{MessageType.QUERY}.{PROXY_SCORES_ACTION}"
 QUERY_PARTITION = f"{MessageType.QUERY}.{PARTITION_ACTION}"
+QUERY_DATA_SUMMARY = f"{MessageType.QUERY}.{DATA_SUMMARY_ACTION}"
 
 
 # ------------------------------------------------------------------ codecs

@@ -43,6 +43,7 @@ from copra_core.evaluator import ServerEvaluator
 from copra_core.learner import model_bundle
 from copra_core.reporting import MetricsLog, atomic_write_text, write_report
 from server.allocation import AllocatedFedAvg, Allocator
+from server.data_check import DataCheck, check_node_data
 from server.diagnostics import LocalDiagnostics, RoundDiagnostics
 from server.initialisation import initial_adapter
 from server.metrics import pooled_metrics
@@ -156,14 +157,20 @@ class ServerRun:
         self.seeded_state = self.bundle.initial_state()
         strategies.dry_run(self.rule, self.seeded_state)  # a broken rule fails here, before round 1
         task, batch_size = self.bundle.task, config.diagnostics.batch_size
-        self.global_eval = ServerEvaluator(self.bundle, task.server_examples(config.data.eval_size), batch_size)
-        diag_eval = ServerEvaluator(self.bundle, task.server_examples(config.diagnostics.sample_size), batch_size)
-        self.diagnostics = RoundDiagnostics(
-            diag_eval, config.diagnostics, config.interpolation_grid(), config.seed, self.rule.partial_updates
-        )
+        #: None when the server holds no data (data.server-eval): the clients' pooled evaluation stands in.
+        self.global_eval: ServerEvaluator | None = None
+        self.diagnostics: RoundDiagnostics | None = None
+        if config.data.server_has_data:
+            self.global_eval = ServerEvaluator(self.bundle, task.server_examples(config.data.eval_size), batch_size)
+            diag_eval = ServerEvaluator(self.bundle, task.server_examples(config.diagnostics.sample_size), batch_size)
+            self.diagnostics = RoundDiagnostics(
+                diag_eval, config.diagnostics, config.interpolation_grid(), config.seed, self.rule.partial_updates
+            )
         rows = self.checkpoint.metrics if self.checkpoint else ()
         self.metrics_log = MetricsLog(self.out_dir / "metrics.jsonl", rows=rows)
         wait_for_nodes(self.grid, config.federation.clients, config.federation.wait_for_nodes_s)
+        # Own data: every node summarises its data before round 1; a node whose data does not fit is left out.
+        self.data_check = check_node_data(self.grid, config) if config.data.own_data else DataCheck()
 
     # ------------------------------------------------------------------ round 0
     def initial_adapter(self) -> None:
@@ -177,6 +184,8 @@ class ServerRun:
             self.initial_state = checkpoint.tensors["initial"] or self.seeded_state
             init_offsets, self.init_metrics = checkpoint.tensors["init_offsets"], {}
         self.strategy = self.build_strategy(checkpoint.tensors["global"] if checkpoint else self.initial_state)
+        self.strategy.sampler.exclude(self.data_check.excluded)
+        self.init_metrics.update(self.data_check.metrics)
         if init_offsets:
             self.strategy.set_init_offsets(init_offsets)
             bundle.base_offsets.apply(bundle.model, self.strategy.base_offsets.all)
@@ -243,7 +252,7 @@ class ServerRun:
         server_round = self.strategy.run_round(flower_round)
         if self.checkpoint is not None and flower_round == 0:
             return None  # resumed: this round's row and checkpoint exist already
-        result = self.global_eval.factor(self.strategy.current)
+        result = self.global_evaluation(server_round)
         row: dict = {"round": server_round, **{f"global/{k}": v for k, v in result.items()}}
         # Task-specific extras on the global adapter the model now holds (causal_lm: generation, ROUGE-L).
         row.update(
@@ -254,7 +263,15 @@ class ServerRun:
         self.write_checkpoint(server_round)
         for observer in self.observers:
             observer(row)
-        return MetricRecord({f"global/{k}": v for k, v in result.items()})
+        return MetricRecord({f"global/{k}": v for k, v in result.items()}) if result else None
+
+    def global_evaluation(self, server_round: int) -> dict[str, float]:
+        """The global adapter's metrics: on the server's evaluation set, or without one
+        (``data.server-eval=none``) the round's pooled federated evaluation (none in round 0)."""
+        if self.global_eval is not None:
+            return self.global_eval.factor(self.strategy.current)
+        federated = self.strategy.round_metrics if server_round > 0 else {}
+        return {k.removeprefix("federated/"): v for k, v in federated.items() if k.startswith("federated/")}
 
     def write_checkpoint(self, server_round: int) -> None:
         strategy = self.strategy
@@ -293,7 +310,13 @@ class ServerRun:
             self.metrics_log.rows,
             config.to_json(),
             self.bundle.task.metric,
-            title=f"copra-fl run: {config.task} on {config.data.dataset}, strategy {config.strategy.name}, {method}",
+            title=f"copra-fl run: {config.task} on {config.data.dataset}, strategy {config.strategy.name}, {method}"
+            + (
+                ""
+                if config.data.server_has_data
+                else " (the server holds no data: global accuracy and loss are the clients' pooled federated "
+                "evaluation on their validation rows, data.server-eval)"
+            ),
         )
 
 

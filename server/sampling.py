@@ -14,6 +14,9 @@ methods on different data, and a resumed run would not continue the interrupted 
 ``query.partition`` message; nothing else leaves the node) and hands FedAvg the node ids
 ordered by partition, and ``seeded_draw`` seeds the global RNG from (seed, round, phase)
 for the draw alone: the sampled partitions are a function of those three.
+
+Nodes whose data failed the round-0 data check (``server/data_check.py``) are ``exclude``d:
+no draw of the run sees them.
 """
 
 from __future__ import annotations
@@ -50,15 +53,39 @@ class NodeSampler:
         self.partial = partial
         self.timeout = timeout
         self._partition_of: dict[int, int] = {}
+        #: Nodes never drawn (their data failed the round-0 data check).
+        self.excluded: frozenset[int] = frozenset()
+
+    def exclude(self, nodes: Iterable[int]) -> None:
+        """Leave ``nodes`` out of every later draw."""
+        self.excluded = self.excluded | frozenset(nodes)
+        if self.excluded:
+            log.info("sampling: nodes %s left out of every draw", sorted(self.excluded))
 
     @contextmanager
     def draw(self, grid: Grid, server_round: int, phase: str) -> Iterator[Grid]:
         """The grid FedAvg draws from, under the seeded draw of (seed, round, phase)."""
+        if self.excluded:
+            grid = WithoutNodes(grid, self.excluded)  # type: ignore[assignment]
         if self.partial:
             grid = PartitionOrderedGrid(grid, self._partition_of, self.timeout)  # type: ignore[assignment]
             grid.refresh()  # the query's messages must not run inside the seeded draw
         with seeded_draw(self.seed, server_round, phase):
             yield grid
+
+
+class WithoutNodes:
+    """A view of ``grid`` whose ``get_node_ids`` leaves out ``excluded``; everything else is the grid's."""
+
+    def __init__(self, grid: Grid, excluded: frozenset[int]) -> None:
+        self._grid = grid
+        self._excluded = excluded
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [node for node in self._grid.get_node_ids() if node not in self._excluded]
 
 
 class PartitionOrderedGrid:

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from copra_core.config import ConfigError, RunConfig
+from copra_core.config import SIMULATION_ENV, ConfigError, RunConfig
 
 #: Set in every process that runs Flower: no runtime install of the app's dependencies, no telemetry, no update check.
 FLOWER_ENV = {
@@ -50,6 +50,8 @@ def preflight(config: RunConfig) -> None:
         from copra_core.tasks import build_task
 
         build_task(config).check_inputs(config.federation.clients)  # data, partitioning, model files
+    elif config.data.is_path:
+        check_data_path(config)
     else:
         spec = data.dataset_spec(config.data.dataset)
         data_dir = data.resolve_data_dir(config.data)
@@ -59,6 +61,26 @@ def preflight(config: RunConfig) -> None:
         if os.path.sep in path and not Path(path).exists():
             raise ConfigError(f"Config key 'model.name': local path '{path}' does not exist")
     prepare_out_dir(Path(config.out_dir), resume=config.federation.resume, overwrite=config.federation.overwrite)
+
+
+def check_data_path(config: RunConfig) -> None:
+    """A path in data.dataset exists, and a natural-partition folder holds one file per client.
+
+    The files' content is checked by the nodes themselves in the round-0 data check (a node
+    whose file does not fit the schema is left out, not the whole run).
+    """
+    from copra_core.local_data import is_natural_partition, natural_partition_files
+
+    path = Path(config.data.dataset).expanduser()
+    if not path.exists():
+        raise ConfigError(f"Config key 'data.dataset': path '{path}' does not exist")
+    if is_natural_partition(path):
+        files = natural_partition_files(path)
+        if len(files) != config.federation.clients:
+            raise ConfigError(
+                f"Config key 'federation.clients' must equal the {len(files)} files of the natural partition "
+                f"{path} (client i trains on file i), got {config.federation.clients}"
+            )
 
 
 def simulate(
@@ -132,6 +154,9 @@ def simulate_many(
             "log_to_driver": verbose,
         },
     }
+    # Tells the ClientApp it runs in this simulation, where paths in the run config are the user's
+    # own (the Ray actors inherit it); a deployed node never has it (client/app.py). Removed after.
+    os.environ[SIMULATION_ENV] = "1"
     try:
         run_simulation(
             server_app=server_app,
@@ -141,5 +166,6 @@ def simulate_many(
             verbose_logging=verbose,
         )
     finally:
+        os.environ.pop(SIMULATION_ENV, None)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     return [Path(config.out_dir) for config in configs]

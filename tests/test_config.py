@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from copra_core.config import ConfigError, RunConfig, field_help, key_choices, read_config_json
+from copra_core.config import REGISTERED_DATASETS, ConfigError, RunConfig, field_help, key_choices, read_config_json
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Every flat key whose dataclass field is typed ``Literal[...]``.
@@ -107,8 +107,10 @@ def test_every_fixed_choice_key_is_typed():
         "init.source",
         "init.svd",
         "train.lr-schedule",
-        "data.dataset",
         "data.partition",
+        "data.bad-rows",
+        "data.server-eval",
+        "diagnostics.where",
         "federation.transport-dtype",
         "allocation.proxy",
         "causal-lm.template",
@@ -148,7 +150,7 @@ def test_declared_values_are_the_registries_values():
 
     assert set(key_choices("task")) == set(TASKS)
     assert set(key_choices("allocation.proxy")) == set(PROXIES)
-    assert set(key_choices("data.dataset")) == set(data.DATASETS) | set(instruct_data.DATASETS)
+    assert set(REGISTERED_DATASETS) == set(data.DATASETS) | set(instruct_data.DATASETS)
     assert instruct_data.FEDIT_PARTITION in key_choices("data.partition")
     for method in key_choices("init.method"):
         initialiser(method)

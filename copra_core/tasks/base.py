@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +19,19 @@ from copra_core.config import RunConfig
 from copra_core.model_loading import resolve_model_path
 
 Batch = dict[str, torch.Tensor]
+#: Keys of a client's data summary (the round-0 data check's reply, ``copra_core/protocol.py``).
+DATA_TRAIN_ROWS = "data-train-rows"
+DATA_VAL_ROWS = "data-val-rows"
+DATA_SKIPPED_ROWS = "data-skipped-rows"
+DATA_LABEL_COUNTS = "data-label-counts"
+
+
+class ClientExamples(NamedTuple):
+    """A client's encoded (train, validation) examples and its data summary (numbers only)."""
+
+    train: Sequence
+    val: Sequence
+    summary: dict[str, int | list[int]]
 
 
 class LazyEncoded(Sequence):
@@ -89,6 +102,17 @@ class Task(ABC):
         """Turn summed statistics into metrics; must contain 'loss' and ``self.metric``."""
 
     # ------------------------------------------------------------------ optional hooks
+    def client_data(self, partition_id: int, num_partitions: int, node_files: Any = None) -> ClientExamples:
+        """A client's examples with the numbers of its round-0 data check.
+
+        ``node_files`` (a ``copra_core.data.NodeFiles``): a deployed node's own files. The
+        default serves registered datasets only; a task that reads own data overrides it.
+        """
+        if node_files is not None:
+            raise ValueError(f"Task {self.name} does not read a node's own data files (node config data-path).")
+        train, val = self.client_examples(partition_id, num_partitions)
+        return ClientExamples(train, val, {DATA_TRAIN_ROWS: len(train), DATA_VAL_ROWS: len(val)})
+
     def check_inputs(self, num_partitions: int) -> None:
         """Fail fast, before any process starts, on data or settings that would fail later.
 
