@@ -148,7 +148,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if _local_diagnostics(config):
         # The adapter this node trained this round (none if it was not sampled for training)
         # against the aggregate, on its own validation rows: only the losses travel.
-        trained = local_diagnostics.take(context.state, int(sent[protocol.SERVER_ROUND]))
+        trained = local_diagnostics.take(context.state, int(sent[protocol.SERVER_ROUND]), config.fingerprint())
         if trained is not None:
             metrics |= local_diagnostics.measure_client(
                 learner.evaluate,

@@ -60,23 +60,28 @@ Evaluate = Callable[[AdapterState, Mapping[str, torch.Tensor]], dict[str, float]
 # ---------------------------------------------------------------------- client: what it keeps
 @dataclass
 class TrainedAdapter:
-    """The adapter a client trained in ``server_round``, as the server received it, and its base offsets."""
+    """The adapter a client trained in ``server_round`` of run ``run``, as the server received it, and its
+    base offsets. ``run`` (the config's fingerprint) tells the runs of a sweep apart: they share the nodes,
+    hence the node state, and number their rounds alike."""
 
     server_round: int
     state: AdapterState
     offsets: AdapterState
     weight: float
+    run: str = ""
 
 
 def keep(node_state: RecordDict, trained: TrainedAdapter) -> None:
     """Store ``trained`` in the node state, replacing whatever an earlier round kept (one adapter per node)."""
     node_state[STATE_ADAPTER] = to_array_record(trained.state, "float32")
     node_state[STATE_OFFSETS] = to_array_record(trained.offsets, "float32")
-    node_state[STATE_META] = ConfigRecord({"server-round": trained.server_round, "weight": trained.weight})
+    meta = {"server-round": trained.server_round, "weight": trained.weight, "run": trained.run}
+    node_state[STATE_META] = ConfigRecord(meta)  # type: ignore[arg-type]
 
 
-def take(node_state: RecordDict, server_round: int) -> TrainedAdapter | None:
-    """The adapter trained in ``server_round``, removed from the node state; None if this node did not train then.
+def take(node_state: RecordDict, server_round: int, run: str = "") -> TrainedAdapter | None:
+    """The adapter trained in ``server_round`` of ``run``, removed from the node state; None if this node did
+    not train then.
 
     Whatever is kept is removed: a stale adapter (an earlier round's) is never compared with a later aggregate.
     """
@@ -84,13 +89,14 @@ def take(node_state: RecordDict, server_round: int) -> TrainedAdapter | None:
         return None
     meta = node_state.pop(STATE_META)
     adapter, offsets = node_state.pop(STATE_ADAPTER), node_state.pop(STATE_OFFSETS)
-    if int(meta["server-round"]) != server_round:  # type: ignore[index]
+    if int(meta["server-round"]) != server_round or str(meta["run"]) != run:  # type: ignore[index]
         return None
     return TrainedAdapter(
         server_round,
         from_array_record(adapter),  # type: ignore[arg-type]
         from_array_record(offsets),  # type: ignore[arg-type]
         float(meta["weight"]),  # type: ignore[index]
+        run,
     )
 
 
