@@ -150,7 +150,7 @@ def simulate(
             config.federation.rounds,
             f"{label} x {config.federation.clients} clients",
             metric=TASKS[config.task].metric if config.task in TASKS else "accuracy",
-            local=config.diagnostics.enabled and config.diagnostics_where() != "server",
+            where=config.diagnostics_where() if config.diagnostics.enabled else "server",
         )
         observers.append(display_obj)
         display_obj.start()

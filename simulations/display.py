@@ -20,7 +20,14 @@ COLUMNS = (
     ("comm/bytes_up", "MB_up", "{:.2f}"),
     ("time/round_s", "sec", "{:.0f}"),
 )
-#: Added with ``diagnostics.where`` = clients or both: the clients' own measurements (docs/methods.md).
+#: The clients' own measurements (``diagnostics.where`` = clients or both, docs/methods.md): after
+#: ``barrier`` with both; in place of the server's diagnostics (cli_acc ... barrier) with clients.
+SERVER_DIAGNOSTICS = (
+    "clients/mean_accuracy",
+    "barrier/jensen_factor",
+    "barrier/jensen_product",
+    "barrier/pairwise_max",
+)
 LOCAL_COLUMNS = (
     ("local/jensen_gap", "J_loc", "{:+.3f}"),
     ("local/barrier_max", "b_loc", "{:+.3f}"),
@@ -45,14 +52,20 @@ class RichRoundDisplay:
         title: str,
         console: Console | None = None,
         metric: str = "accuracy",
-        local: bool = False,
+        where: str = "server",
     ) -> None:
         """``metric``: the task's headline metric, shown in the acc/cli_acc columns (e.g. token_accuracy);
-        ``local``: also show the client-side diagnostics (J_loc, b_loc)."""
+        ``where``: the resolved ``diagnostics.where`` (clients, both: the J_loc, b_loc columns)."""
         self.console = console or Console(stderr=False)
+        columns = list(COLUMNS)
+        if where in ("clients", "both"):
+            at = [key for key, _, _ in columns].index("barrier/pairwise_max") + 1
+            columns[at:at] = LOCAL_COLUMNS
+        if where == "clients":
+            columns = [column for column in columns if column[0] not in SERVER_DIAGNOSTICS]
         self.columns = tuple(
             (key.replace("accuracy", metric) if key.endswith("accuracy") else key, header, fmt)
-            for key, header, fmt in COLUMNS + (LOCAL_COLUMNS if local else ())
+            for key, header, fmt in columns
         )
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
