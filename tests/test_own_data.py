@@ -317,3 +317,59 @@ def test_every_message_the_server_receives_carries_numbers_only(own_data_run):
             assert set(record) == {protocol.REASON}
             assert not any(row["sentence"] in record[protocol.REASON] for row in odd)
     assert sum(protocol.DATA_CHECK in m["configs"] for m in received) == 1
+
+
+def _summary_reply(node: int, metrics: dict, reason: str | None = None) -> Message:
+    from flwr.app import MetricRecord
+
+    metadata = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="m",
+        group_id="0",
+        created_at=0.0,
+        ttl=60.0,
+        message_type=protocol.QUERY_DATA_SUMMARY,
+    )
+    content = RecordDict({protocol.METRICS: MetricRecord(metrics)})
+    if reason is not None:
+        content[protocol.DATA_CHECK] = ConfigRecord({protocol.REASON: reason})
+    return Message(content, metadata=metadata)
+
+
+class SummaryGrid:
+    """Answers the data-summary query with fixed replies: node 1 fits, nodes 2 and 3 do not."""
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def send_and_receive(self, messages, timeout=None):
+        assert {m.metadata.message_type for m in messages} == {protocol.QUERY_DATA_SUMMARY}
+        ok = {protocol.PARTITION_ID: 0, DATA_TRAIN_ROWS: 90, DATA_VAL_ROWS: 10, DATA_LABEL_COUNTS: [40, 60]}
+        return [
+            _summary_reply(1, ok),
+            _summary_reply(2, {protocol.PARTITION_ID: 1}, "b.csv: missing columns ['label']"),
+            _summary_reply(3, {protocol.PARTITION_ID: 2}, "c.jsonl: the file holds no rows."),
+        ]
+
+
+def test_the_data_check_names_every_left_out_node_and_stops_below_the_minimum(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.data_check import NodeDataError, check_node_data
+
+    for attribute in ("_run_id", "_node_id", "_task_id"):  # what a ServerApp process has set
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+
+    config = tiny_config(**{"data.labels": "a,b", "federation.min-train-nodes": 1})
+    check = check_node_data(SummaryGrid(), config)  # type: ignore[arg-type]
+    assert check.excluded == {2, 3}
+    assert check.metrics["data/nodes_ok"] == 1 and check.metrics["data/nodes_excluded"] == 2
+    assert check.metrics["data/clients"] == [
+        {"node": 1, "partition": 0, DATA_TRAIN_ROWS: 90, DATA_VAL_ROWS: 10, DATA_LABEL_COUNTS: [40, 60]}
+    ]
+    config.federation.min_train_nodes = 2
+    with pytest.raises(NodeDataError, match=r"1 node\(s\) hold data.*min-train-nodes=2.*missing columns.*no rows"):
+        check_node_data(SummaryGrid(), config)  # type: ignore[arg-type]
