@@ -193,7 +193,7 @@ class DataSettings:
     label_column: str = _help("Own data: the column holding each row's label name.", default="label")
     labels: str = _help(
         "Own data: the ordered, comma-separated label names, the run's label space (label i = class i on every "
-        "node, and the head's size). Required for a path.",
+        "node, and the head's size). Required for own data: a path in data.dataset, or nodes' data-path.",
         default="",
     )
     bad_rows: Literal["error", "skip"] = _help(
@@ -206,9 +206,10 @@ class DataSettings:
         default=True,
     )
     server_eval: Literal["auto", "dataset", "none"] = _help(
-        "The server's own evaluation data: auto (a registered dataset's dev split; for a path, data.eval-path if "
-        "set, else none) | dataset (the same, but an error when there is none) | none (the server holds no "
-        "data: global accuracy/loss are the clients' pooled federated evaluation, server diagnostics off).",
+        "The server's own evaluation data: auto (a registered dataset's dev split; with own data, i.e. "
+        "data.labels set, data.eval-path if set, else none) | dataset (the same, but an error when there is none) "
+        "| none (the server holds no data: global accuracy/loss are the clients' pooled federated evaluation, "
+        "server diagnostics off).",
         default="auto",
     )
     eval_path: str = _help(
@@ -228,10 +229,14 @@ class DataSettings:
 
     @property
     def server_has_data(self) -> bool:
-        """Whether the server builds evaluation sets (``server-eval`` resolved)."""
+        """Whether the server builds evaluation sets (``server-eval`` resolved).
+
+        Own data (``labels`` declared) has none unless ``eval-path`` names a file: a registered
+        dataset's dev split does not share its label space.
+        """
         if self.server_eval == "none":
             return False
-        return not self.is_path or bool(self.eval_path)
+        return bool(self.eval_path) if self.own_data else True
 
 
 def looks_like_path(value: str) -> bool:
@@ -562,6 +567,12 @@ class RunConfig:
     def _validate_data(self) -> None:
         """``data.dataset`` is a registered name or a path; a path needs the schema keys."""
         data = self.data
+        if data.own_data and data.server_eval == "dataset" and not data.eval_path:
+            raise ConfigError(
+                "Config key 'data.server-eval' is 'dataset' but the run uses own data (data.labels or a path in "
+                "data.dataset) and data.eval-path is empty; set data.eval-path to a labelled file or "
+                "data.server-eval=none."
+            )
         if not data.is_path:
             return
         if not looks_like_path(data.dataset):
@@ -584,11 +595,6 @@ class RunConfig:
             )
         if not split_csv(data.text_columns):
             raise ConfigError("Config key 'data.text-columns' is empty; name the text column(s) of your files.")
-        if data.server_eval == "dataset" and not data.eval_path:
-            raise ConfigError(
-                "Config key 'data.server-eval' is 'dataset' but data.dataset is a path and data.eval-path is empty; "
-                "set data.eval-path to a labelled file or data.server-eval=none."
-            )
 
     # ------------------------------------------------------------------ helpers
     def diagnostics_where(self) -> Literal["server", "clients", "both"]:

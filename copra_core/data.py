@@ -403,7 +403,7 @@ def path_eval_split(settings: DataSettings, seed: int, size: int = 0) -> Dataset
     """The server's evaluation set for own data: ``data.eval-path``, or a seeded sample of ``size`` rows."""
     if not settings.eval_path:
         raise LocalDataError(
-            "The server has no evaluation data: data.dataset is a path and data.eval-path is empty "
+            "The server has no evaluation data: the run uses own data (data.labels) and data.eval-path is empty "
             "(set data.server-eval=none, or data.eval-path to a labelled file)."
         )
     result = read_text_classification(Path(settings.eval_path).expanduser(), own_schema(settings), settings.bad_rows)
@@ -413,9 +413,9 @@ def path_eval_split(settings: DataSettings, seed: int, size: int = 0) -> Dataset
 def path_calibration_split(settings: DataSettings, seed: int, size: int) -> Dataset:
     """LoRA-GA's server calibration sample for a path: rows of the file (simulation only)."""
     path = Path(settings.dataset).expanduser()
-    if is_natural_partition(path):
+    if not settings.is_path or is_natural_partition(path):
         raise LocalDataError(
-            f"Config key 'init.source': the server holds no training rows of the natural partition {path}; "
+            f"Config key 'init.source': the server holds no training rows of the clients' own data ({path}); "
             "use init.source=clients."
         )
     train = _read_cached(path, own_schema(settings), settings.bad_rows, source_identity(settings, None)).dataset

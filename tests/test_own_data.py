@@ -117,6 +117,7 @@ def test_a_node_reads_its_own_files(tmp_path):
         ({"data.dataset": "sst"}, r"Did you mean 'sst2'\?"),
         ({"data.dataset": "./x.csv"}, r"data.labels"),
         ({"data.dataset": "./x.csv", "data.labels": "a,b", "data.server-eval": "dataset"}, r"data.eval-path"),
+        ({"data.labels": "a,b", "data.server-eval": "dataset"}, r"data.eval-path"),
         ({"data.dataset": "./x.csv", "data.labels": "a,b", "task": "causal_lm"}, r"sequence_classification only"),
     ],
 )
@@ -125,6 +126,24 @@ def test_config_errors_name_the_key(overrides, message):
     config.update(overrides)
     with pytest.raises(ConfigError, match=message):
         config.validate()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "has_data"),
+    [
+        ({}, True),  # the registered dataset's dev split (the demo, unchanged)
+        ({"data.server-eval": "none"}, False),
+        ({"data.dataset": "./x.csv", "data.labels": "a,b"}, False),
+        ({"data.dataset": "./x.csv", "data.labels": "a,b", "data.eval-path": "./e.csv"}, True),
+        ({"data.labels": "a,b"}, False),  # deployed nodes' own files: sst2's dev split is not their label space
+        ({"data.labels": "a,b", "data.eval-path": "./e.csv", "data.server-eval": "none"}, False),
+    ],
+)
+def test_server_eval_auto_resolves_to_the_servers_own_data(overrides, has_data):
+    config = RunConfig()
+    config.update(overrides)
+    config.validate()
+    assert config.data.server_has_data is has_data
 
 
 def _context(node_config: dict) -> Context:

@@ -102,12 +102,12 @@ class SequenceClassificationTask(Task):
         )
 
     def server_examples(self, size: int) -> list[Example]:
-        if self.config.data.is_path:
+        if self.config.data.own_data:
             return self._encode(data.path_eval_split(self.config.data, self.config.seed, size), self.own_columns)
         return self._encode(data.server_eval_split(self.config.data, self.config.seed, size))
 
     def calibration_examples(self, size: int) -> list[Example]:
-        if self.config.data.is_path:
+        if self.config.data.own_data:
             rows = data.path_calibration_split(self.config.data, self.config.seed, size)
             return self._encode(rows, self.own_columns)
         return self._encode(data.calibration_split(self.config.data, self.config.seed, size))
