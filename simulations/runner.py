@@ -74,8 +74,8 @@ def check_data_path(config: RunConfig) -> None:
     path = Path(config.data.dataset).expanduser()
     if not path.exists():
         raise ConfigError(f"Config key 'data.dataset': path '{path}' does not exist")
-    if config.data.eval_path and not Path(config.data.eval_path).expanduser().is_file():
-        raise ConfigError(f"Config key 'data.eval-path': file '{config.data.eval_path}' does not exist")
+    if config.data.eval_path and not Path(config.data.eval_path).expanduser().exists():
+        raise ConfigError(f"Config key 'data.eval-path': path '{config.data.eval_path}' does not exist")
     if is_natural_partition(path):
         files = natural_partition_files(path)
         if len(files) != config.federation.clients:
