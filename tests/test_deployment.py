@@ -487,12 +487,13 @@ def test_tls_deployment_with_node_auth_carries_a_100_mb_adapter(two_nodes):
         "lora.r": 384,
         "lora.target-modules": "query,key,value,attention.output.dense,intermediate.dense,output.dense",
         "lora.modules-to-save": "auto,pooler,word_embeddings",  # + 47 MB of embeddings
-        "diagnostics.sample-size": 16,
         "data.eval-size": 32,
-        # One round, train messages only: 100 MB down and up per client is the point; the
-        # resume test below runs a deployment over several rounds.
+        # One round of one step, train messages only, no diagnostics: 100 MB down and up per
+        # client is the point; the resume test below runs a deployment over several rounds.
         "federation.rounds": 1,
+        "train.local-steps": 1,
         "federation.fraction-evaluate": 0.0,
+        "diagnostics.enabled": False,
     }
     proc = net.flwr("run", str(ROOT), FEDERATION, "--stream", "--run-config", flwr_run_config(out, big), timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
