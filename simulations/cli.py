@@ -209,6 +209,7 @@ BENCHMARKS = (
     "causal-lm",
     "copra-vs-lora",
     "heterolora-budget",
+    "local-diagnostics",
     "lora-ga-convergence",
     "overhead",
     "strategies",
