@@ -64,15 +64,17 @@ def test_cli_benchmark_names_unknown_benchmarks():
     assert "usage: copra-fl benchmark copra-vs-lora" in result.output and "--quick" in result.output
 
 
-#: ``--quick`` with smaller evaluation samples and a 3-point grid: this test checks that every
-#: part of the pipeline runs and reports numbers, not what the numbers are.
+#: ``--quick`` with 2 clients, smaller evaluation samples and a 3-point grid: this test checks
+#: that every part of the pipeline runs and reports numbers, not what the numbers are.
 SMOKE_RUN = textwrap.dedent(
     """
     import sys
 
     from benchmarks import copra_vs_lora
 
-    copra_vs_lora.QUICK.update({"data.eval-size": 32, "diagnostics.sample-size": 16, "diagnostics.grid": "0,0.5,1"})
+    copra_vs_lora.QUICK.update(
+        {"federation.clients": 2, "data.eval-size": 32, "diagnostics.sample-size": 16, "diagnostics.grid": "0,0.5,1"}
+    )
     sys.argv = ["copra-fl benchmark copra-vs-lora", *sys.argv[1:]]
     copra_vs_lora.main()
     """
