@@ -35,6 +35,7 @@ from copra_core.checkpoint import (
     Checkpoint,
     check_resumable,
     load_checkpoint,
+    prepare_out_dir,
     restore_rng,
     save_checkpoint,
 )
@@ -42,6 +43,7 @@ from copra_core.config import ConfigError, RunConfig
 from copra_core.evaluator import ServerEvaluator
 from copra_core.learner import model_bundle
 from copra_core.reporting import MetricsLog, atomic_write_text, write_report
+from copra_core.tracking import open_trackers
 from server.allocation import AllocatedFedAvg, Allocator
 from server.data_check import DataCheck, check_node_data
 from server.diagnostics import LocalDiagnostics, RoundDiagnostics
@@ -135,11 +137,16 @@ class ServerRun:
     def run(self) -> Path:
         """The whole run; returns the output folder."""
         self.set_up()
-        with self.bundle.session(self.seeded_state):  # whatever an earlier run left in the model
-            self.initial_adapter()
-            self.rounds()
-            self.export()
-        self.finish()
+        # Experiment trackers (tracking.backends) see every row as it is written; a failing
+        # tracker warns once and is dropped, it never stops the run (copra_core/tracking).
+        with open_trackers(self.config, self.out_dir) as trackers:
+            self.observers = (*self.observers, trackers)
+            with self.bundle.session(self.seeded_state):  # whatever an earlier run left in the model
+                self.initial_adapter()
+                self.rounds()
+                self.export()
+            self.finish()
+            trackers.on_end(self.out_dir)
         return self.out_dir
 
     # ------------------------------------------------------------------ set-up
@@ -147,7 +154,9 @@ class ServerRun:
         """Output folder and config.json, the checkpoint (resuming), the server's model, its
         evaluation sets, the rule's dry run; then wait for the nodes."""
         config = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # An out-dir holding a finished run is refused unless resuming or overwriting (flwr run
+        # deployments reach this without copra-fl simulate's preflight, which did it already).
+        prepare_out_dir(self.out_dir, resume=config.federation.resume, overwrite=config.federation.overwrite)
         if config.federation.resume:
             self.checkpoint = load_checkpoint(self.out_dir)
             check_resumable(self.checkpoint, config.to_flat(), self.out_dir / FILE_NAME)

@@ -111,9 +111,10 @@ def simulate_many(
     Each run is a complete ``run_server`` (its own strategy, checkpoints, report) on the same
     SuperNodes. Starting a simulation's Ray actors costs tens of seconds on a CPU (each
     imports torch, transformers and PEFT and loads the model), and a sweep (benchmarks,
-    tests) pays it once. A run in a sweep computes what it computes alone: clients keep
-    nothing between messages (the config, adapter and base offsets come with every
-    message; batches, masks and dropout are seeded from the config and the round).
+    tests) pays it once. A run in a sweep computes what it computes alone: the config,
+    adapter and base offsets come with every message, and batches, masks and dropout are
+    seeded from the config and the round; the only thing a client keeps between messages
+    (its trained adapter, for client-side diagnostics) is tagged with its run's fingerprint.
     ``after_run`` is called after each run (benchmarks cache results as they come).
     """
     if not configs:

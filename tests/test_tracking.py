@@ -209,32 +209,16 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys, warnings
     from pathlib import Path
-    from copra_core.tracking import TrackingWarning, open_trackers
+    from copra_core.tracking import TrackingWarning
     from simulations.runner import simulate_many
     from tests.test_tracking import RaisingTracker, run_configs
 
     out = Path(sys.argv[1])
     configs = run_configs(out)
-
-    class PerRun:
-        # The runs of one simulation go one after the other: open each one's trackers as it starts.
-        def __init__(self):
-            self.index, self.trackers = 0, None
-
-        def on_round(self, row):
-            if self.trackers is None:
-                self.trackers = open_trackers(configs[self.index])
-            self.trackers.on_round(row)
-
-        def after_run(self, config):
-            self.trackers.on_end(Path(config.out_dir))
-            self.trackers.close()
-            self.trackers, self.index = None, self.index + 1
-
-    per_run = PerRun()
+    # The server opens each run's trackers from its config (tracking.backends), as in any run.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TrackingWarning)
-        simulate_many(configs, observers=[per_run.on_round], after_run=per_run.after_run)
+        simulate_many(configs)
     warned = [str(w.message) for w in caught if issubclass(w.category, TrackingWarning)]
     (out / "result.json").write_text(json.dumps({"warnings": warned, "raising_calls": RaisingTracker.calls}))
     """
