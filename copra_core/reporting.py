@@ -156,19 +156,30 @@ def plot_curves(rows: Sequence[dict], path: Path) -> bool:
     if last is None:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for curve in last["curves"]:
-        i, j = curve["pair"]
-        ax.plot(curve["alphas"], curve["loss_factor"], "o-", label=f"clients {i}-{j}, factor")
-        ax.plot(curve["alphas"], curve["loss_product"], "x--", label=f"clients {i}-{j}, product")
-    ax.set_xlabel("alpha (weight of the first client)")
-    ax.set_ylabel("loss")
-    ax.set_title(f"Interpolation curves, round {last['round']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    draw_interpolation_curves(ax, last)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def draw_interpolation_curves(axis: Any, row: dict) -> None:
+    """One round's pairwise interpolation curves, factor and product space, on ``axis``
+    (the report's plot and the trackers' per-round figure)."""
+    for curve in row["curves"]:
+        i, j = curve["pair"]
+        axis.plot(curve["alphas"], curve["loss_factor"], "o-", label=f"clients {i}-{j}, factor")
+        axis.plot(curve["alphas"], curve["loss_product"], "x--", label=f"clients {i}-{j}, product")
+    _label(axis, "alpha (weight of the first client)", "loss", f"Interpolation curves, round {row.get('round')}")
+
+
+def _label(axis: Any, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, title, a light grid and a small legend: every plot of the report."""
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
 
 
 def plot_local(rows: Sequence[dict], path: Path) -> bool:
@@ -189,18 +200,15 @@ def plot_local(rows: Sequence[dict], path: Path) -> bool:
         if xs:
             ax.plot(xs, ys, "o-" if key.startswith("local/") else "x:", label=label)
     ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_xlabel("round")
-    ax.set_ylabel("loss above the clients' own (nats)")
-    ax.set_title("Measured on the clients' own data")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, "round", "loss above the clients' own (nats)", "Measured on the clients' own data")
     for client in last["local_clients"]:
         ax2.plot(client["alphas"], client["curve"], "o-", label=f"client {client['partition-id']}")
-    ax2.set_xlabel("alpha (0 = the client's adapter, 1 = the aggregate)")
-    ax2.set_ylabel("loss on the client's validation rows")
-    ax2.set_title(f"Client-to-global curves, round {last['round']}")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
+    _label(
+        ax2,
+        "alpha (0 = the client's adapter, 1 = the aggregate)",
+        "loss on the client's validation rows",
+        f"Client-to-global curves, round {last['round']}",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

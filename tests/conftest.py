@@ -37,3 +37,12 @@ def bundle():
 def pytest_sessionfinish(session, exitstatus):
     """Remove the session's scratch folder (FLWR_HOME, matplotlib and HF caches)."""
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+
+
+@pytest.fixture
+def run_identity(monkeypatch):
+    """Flower stamps every Message with the run id of the ServerApp process it is built in: fix it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)

@@ -129,3 +129,21 @@ def exported_accuracy(run_dir: Path) -> float:
             labels = batch.pop("labels")
             correct += int((model(**batch).logits.argmax(-1) == labels).sum())
     return correct / len(examples)
+
+
+def message_from(content, message_type: str, src_node_id: int = 0, dst_node_id: int = 0, group_id: str = "1"):
+    """A Message as the server receives it (metadata filled in), for tests of reply handling."""
+    from flwr.app import Message, Metadata
+
+    metadata = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=src_node_id,
+        dst_node_id=dst_node_id,
+        reply_to_message_id="m",
+        group_id=group_id,
+        created_at=0.0,
+        ttl=60.0,
+        message_type=message_type,
+    )
+    return Message(content, metadata=metadata)

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from copra_core import local_diagnostics as ld
 from copra_core import protocol
@@ -79,14 +78,6 @@ def test_client_figures_match_an_independent_evaluation(two_clients):
         assert fig[ld.METRIC_OWN] == pytest.approx(evaluator.factor(state)["accuracy"], abs=1e-9)
         # The points are distinct losses, not one value repeated: the test could see a wrong alpha.
         assert len({round(v, 6) for v in got}) == len(GRID)
-
-
-@pytest.fixture
-def run_identity(monkeypatch):
-    # Flower stamps every Message with the run id of the ServerApp process it is built in.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def _reply(metrics: dict) -> Message:

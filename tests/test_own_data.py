@@ -17,14 +17,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from copra_core import data, protocol
 from copra_core.config import SIMULATION_ENV, ConfigError, RunConfig
 from copra_core.local_data import LocalDataError
 from copra_core.tasks import build_task
 from copra_core.tasks.base import DATA_LABEL_COUNTS, DATA_SKIPPED_ROWS, DATA_TRAIN_ROWS, DATA_VAL_ROWS
-from tests.helpers import metrics_rows, run_tagged, tiny_config
+from tests.helpers import message_from, metrics_rows, run_tagged, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("negative", "positive")
@@ -164,18 +164,7 @@ def test_a_deployed_node_refuses_a_run_config_path_without_reading_it(tmp_path, 
 
     monkeypatch.setattr(local_data, "read_table", never)
     config = own_config(secret)
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=0,
-        dst_node_id=42,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type="train",
-    )
-    msg = Message(RecordDict({protocol.CONFIG: ConfigRecord(config.to_flat())}), metadata=metadata)
+    msg = message_from(RecordDict({protocol.CONFIG: ConfigRecord(config.to_flat())}), "train", dst_node_id=42)
     context = _context({protocol.PARTITION_ID: 0, protocol.NUM_PARTITIONS: 2})
     with pytest.raises(ConfigError, match=r"Config key 'data.dataset'.*reads only the files its own node config"):
         client_app._learner(msg, context)
@@ -341,21 +330,10 @@ def test_every_message_the_server_receives_carries_numbers_only(own_data_run):
 def _summary_reply(node: int, metrics: dict, reason: str | None = None) -> Message:
     from flwr.app import MetricRecord
 
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="m",
-        group_id="0",
-        created_at=0.0,
-        ttl=60.0,
-        message_type=protocol.QUERY_DATA_SUMMARY,
-    )
     content = RecordDict({protocol.METRICS: MetricRecord(metrics)})
     if reason is not None:
         content[protocol.DATA_CHECK] = ConfigRecord({protocol.REASON: reason})
-    return Message(content, metadata=metadata)
+    return message_from(content, protocol.QUERY_DATA_SUMMARY, src_node_id=node, group_id="0")
 
 
 class SummaryGrid:
@@ -374,13 +352,8 @@ class SummaryGrid:
         ]
 
 
-def test_the_data_check_names_every_left_out_node_and_stops_below_the_minimum(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
+def test_the_data_check_names_every_left_out_node_and_stops_below_the_minimum(run_identity):
     from server.data_check import NodeDataError, check_node_data
-
-    for attribute in ("_run_id", "_node_id", "_task_id"):  # what a ServerApp process has set
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
 
     config = tiny_config(**{"data.labels": "a,b", "federation.min-train-nodes": 1})
     check = check_node_data(SummaryGrid(), config)  # type: ignore[arg-type]

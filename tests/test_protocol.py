@@ -8,17 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from copra_core import protocol
 
-
-@pytest.fixture(autouse=True)
-def run_identity(monkeypatch):
-    # Flower stamps every Message with the run id of the ServerApp process it is built in.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("run_identity")  # tests/conftest.py
 
 
 class FakeGrid:

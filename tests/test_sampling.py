@@ -7,18 +7,11 @@ import random
 from types import SimpleNamespace
 
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
 from copra_core.protocol import QUERY_PARTITION as QUERY
 from server.sampling import PartitionOrderedGrid, seeded_draw
 
-
-@pytest.fixture(autouse=True)
-def run_identity(monkeypatch):
-    # Flower stamps every Message with the run id of the ServerApp process it is built in.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("run_identity")  # tests/conftest.py
 
 
 class FakeGrid:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from copra_core.config import ConfigError, RunConfig, ScreeningSettings
 from copra_core.screening import check_update, norm_outliers, update_norm
 from server.strategy import AdapterFedAvg
 from strategies.linear import LinearAveraging
+from tests.helpers import message_from
 
 KEYS = ("m.lora_A.weight", "m.lora_B.weight")
 
@@ -24,20 +25,9 @@ def _state(seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
 
 
 def _reply(node: int, state: dict, num_examples: object = 10, dtype: torch.dtype = torch.float32) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="m",
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type="train",
-    )
     arrays = ArrayRecord({k: v.to(dtype) for k, v in state.items()})
     metrics = MetricRecord({"num-examples": num_examples, "partition-id": node})
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), metadata=metadata)
+    return message_from(RecordDict({"arrays": arrays, "metrics": metrics}), "train", src_node_id=node)
 
 
 GLOBAL = {k: torch.zeros_like(v) for k, v in _state(0).items()}

@@ -107,16 +107,9 @@ def curves_image(row: Mapping[str, Any]) -> np.ndarray | None:
 
     figure = Figure(figsize=(6.4, 4.0), dpi=100)
     canvas = FigureCanvasAgg(figure)
-    axis = figure.add_subplot()
-    for curve in curves:
-        i, j = curve["pair"]
-        axis.plot(curve["alphas"], curve["loss_factor"], "o-", label=f"clients {i}-{j}, factor")
-        axis.plot(curve["alphas"], curve["loss_product"], "x--", label=f"clients {i}-{j}, product")
-    axis.set_xlabel("alpha (weight of the first client)")
-    axis.set_ylabel("loss")
-    axis.set_title(f"Interpolation curves, round {row.get('round')}")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    from copra_core.reporting import draw_interpolation_curves
+
+    draw_interpolation_curves(figure.add_subplot(), row)
     figure.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
