@@ -11,7 +11,7 @@ volume, the adapter reloaded with PEFT here; then a SuperNode with an unregister
 ServerApp container killed after round 1 and resumed, a SuperNode container stopped
 mid-round, and ``docker-compose down -v``.
 
-Runs only when selected (``-m docker``; about 30 min on the 2-core machine, so not in CI)
+Runs only when selected (``-m docker``; 7-29 min on the 2-core machine, so not in CI)
 and skipped without a Docker engine. Needs, besides the engine:
 ``bash deploy/base-image.sh`` (the base image) and ``bash deploy/wheelhouse.sh`` (the wheels).
 """
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FEDERATION = "copra-fl-docker-test"
 BASE_IMAGE = os.environ.get("COPRA_FL_DOCKER_BASE_IMAGE", "copra-fl/debian-python:bookworm")
-#: Generous: on the shared 2-core machine one round of the small config took 1-4 min in containers.
+#: Generous: on the busy 2-core machine one round of the small config took up to 4 min in containers.
 RUN_TIMEOUT_S = 1200
 
 pytestmark = pytest.mark.docker
