@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
+
+from copra_core.atomic import give_default_modes, sibling_temp_path
 
 if TYPE_CHECKING:  # type hints only: the functions below import PEFT and Flower when called
     from flwr.app import ArrayRecord
@@ -167,9 +168,11 @@ def _write_folder(out_dir: Path, write: Callable[[Path], None]) -> Path:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = sibling_temp_path(out_dir)
+    tmp.mkdir()  # mkdir, not mkdtemp: the folder gets 0o777 less the umask, not 0o700 (copra_core/atomic.py)
     try:
         write(tmp)
+        give_default_modes(tmp)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

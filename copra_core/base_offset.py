@@ -23,7 +23,6 @@ bit-identical bases in every process (``checksum`` lets clients prove it).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from copra_core.adapters import tensors_crc32
+from copra_core.atomic import default_file_mode, sibling_temp_path
 
 SUFFIX = ".base_offset"
 INIT_SUFFIX = ".init_offset"
@@ -138,10 +138,10 @@ def save_offsets(offsets: Mapping[str, torch.Tensor], path: Path) -> Path:
     """Write offsets as safetensors, atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = sibling_temp_path(path)
     try:
         save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in offsets.items()}, tmp)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

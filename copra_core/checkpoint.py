@@ -18,7 +18,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from copra_core.adapters import AdapterState
+from copra_core.atomic import default_file_mode, sibling_temp_path
 from copra_core.config import ConfigError, RunConfig
 
 FILE_NAME = "checkpoint.safetensors"
@@ -126,10 +126,10 @@ def save_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> Path:
         "server_state": checkpoint.server_state,
     }
     path = out_dir / FILE_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=out_dir)
-    os.close(fd)
+    tmp = sibling_temp_path(path)
     try:
         save_file(flat, tmp, metadata={"copra-fl": json.dumps(header)})
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

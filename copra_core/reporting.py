@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: plots are files, never windows
 import matplotlib.pyplot as plt
+
+from copra_core.atomic import sibling_temp_path
 
 #: Keys every round row carries (NaN where not measured, e.g. diagnostics at round 0).
 ROUND_KEYS = (
@@ -38,7 +39,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     file it replaces, else 0o666 less the umask), not ``mkstemp``'s private 0o600.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    tmp = sibling_temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

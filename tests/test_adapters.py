@@ -82,3 +82,24 @@ def test_check_compatible_names_the_problem(bundle):
     reshaped[key] = torch.zeros(3, 3)
     with pytest.raises(AdapterMismatchError, match="shape mismatches"):
         check_compatible(reshaped, reference, source="adapter")
+
+
+def test_written_files_get_the_umask_permissions_not_private_ones(bundle, tmp_path):
+    """A Docker volume's checkpoint and adapter must be readable by the host's other users:
+    the atomic writes give what a plain open/mkdir gives (0o644 / 0o755 under umask 022),
+    not mkstemp's 0o600 or mkdtemp's 0o700."""
+    from copra_core.base_offset import save_offsets
+    from copra_core.checkpoint import Checkpoint, save_checkpoint
+
+    old_umask = os.umask(0o022)
+    try:
+        state = bundle.initial_state()
+        adapter = export_adapter(bundle.model, state, tmp_path / "adapter")
+        checkpoint = save_checkpoint(tmp_path, Checkpoint(1, {"seed": 0}, {"global": state}))
+        offsets = save_offsets({"m.base_offset": torch.zeros(2, 2)}, tmp_path / "base_offset.safetensors")
+    finally:
+        os.umask(old_umask)
+    assert oct(adapter.stat().st_mode & 0o777) == oct(0o755)
+    for path in (adapter / "adapter_model.safetensors", checkpoint, offsets):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o644), path
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
