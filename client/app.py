@@ -194,10 +194,9 @@ def data_summary(msg: Message, context: Context) -> Message:
     missing column, a label outside data.labels, an empty or undecodable file): a reply,
     not an error, so the server can name the node and leave it out.
     """
-    config = RunConfig.from_flat(dict(msg.content.config_records[protocol.CONFIG]), ignore=protocol.ROUND_KEYS)
     partition_id = node_source(context)[0]
     try:
-        learner, _, _ = _learner(msg, context)
+        learner, config, _ = _learner(msg, context)
     except (LocalDataError, DataFileError, ConfigError) as err:
         check = ConfigRecord({protocol.REASON: str(err)})
         return protocol.reply(msg, {protocol.PARTITION_ID: partition_id}, {protocol.DATA_CHECK: check})

@@ -147,3 +147,16 @@ def message_from(content, message_type: str, src_node_id: int = 0, dst_node_id: 
         message_type=message_type,
     )
     return Message(content, metadata=metadata)
+
+
+def register_supernodes(federation: str, public_keys: list[str], env: dict[str, str]) -> None:
+    """Register the SuperNodes' public keys with the SuperLink (deploy/register.sh), every one of them."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "register.sh"), federation, *public_keys],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    registered = proc.stdout.count("registered successfully")
+    assert proc.returncode == 0 and registered == len(public_keys), proc.stdout + proc.stderr

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import flwr_run_config, free_port
+from tests.helpers import flwr_run_config, free_port, register_supernodes
 from tests.processes import alive, carrying, leftovers, pgrep, terminate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -395,14 +395,7 @@ def _start_federation(net: Loopback, nodes: int) -> None:
     net.start("superlink", "superlink")
     net.wait_for("superlink", r"Uvicorn running on https://127\.0\.0\.1")
     keys = [str(net.tmp / "keys" / f"supernode-{i}.pub") for i in range(1, nodes + 1)]
-    proc = subprocess.run(
-        ["bash", str(ROOT / "deploy" / "register.sh"), FEDERATION, *keys],
-        env=net.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0 and proc.stdout.count("registered successfully") == nodes, proc.stdout + proc.stderr
+    register_supernodes(FEDERATION, keys, net.env)
     for i in range(1, nodes + 1):
         # Nodes beyond the compose file's two reuse supernode-2's command with their own key and partition.
         service = f"supernode-{min(i, 2)}"

@@ -32,7 +32,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FLWR_RUN_CONFIG, exported_accuracy, flwr_run_config, free_port, metrics_rows
+from tests.helpers import (
+    FLWR_RUN_CONFIG,
+    exported_accuracy,
+    flwr_run_config,
+    free_port,
+    metrics_rows,
+    register_supernodes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -189,14 +196,7 @@ def project(tmp_path_factory) -> Iterator[Project]:
         net.compose("up", "-d", "superlink")
         net.wait_for_log("superlink", r"Uvicorn running on https://0\.0\.0\.0:9093")
         keys = [str(tmp / "keys" / f"supernode-{i}.pub") for i in (1, 2)]  # supernode-3 stays unregistered
-        proc = subprocess.run(
-            ["bash", str(ROOT / "deploy" / "register.sh"), FEDERATION, *keys],
-            env=net.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.stdout.count("registered successfully") == 2, proc.stdout + proc.stderr
+        register_supernodes(FEDERATION, keys, net.env)
         net.compose("--profile", "cpu", "up", "-d")
         for i in (1, 2):
             net.wait_for_log(f"supernode-{i}", r"SuperNode ID")
